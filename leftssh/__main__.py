@@ -1,0 +1,3 @@
+from leftssh.cli import main
+
+main()

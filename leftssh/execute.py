@@ -1,0 +1,430 @@
+"""Apply a Plan through two transports: resumable, verified, atomic transfers.
+
+Invariant kept for every transfer: the final name holds either its old
+content or the complete, verified new content. New bytes go to a partial file
+beside the destination (named for the source version), are MD5-checked on the
+receiving side, and only then renamed over the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from leftssh.errors import ChangedError, Interrupted, LeftsshError, TransferError
+from leftssh.model import Action, Entry, Kind, Manifest, Outcome, Plan, Side, Status
+from leftssh.paths import PARTIAL_SUFFIX, partial_name, version_tag
+from leftssh.transport.base import HashUnavailable, Transport
+
+BATCH_FILES = 256
+BATCH_BYTES = 128 << 20
+
+
+class VerifyUnavailable(LeftsshError):
+    """--verify md5 was asked for, but the peer cannot compute MD5."""
+
+    exit_code = 1
+
+
+@dataclass
+class ExecOptions:
+    verify: str = "auto"
+    jobs: int = 4
+    bwlimit: float | None = None
+    dry_run: bool = False
+
+
+@dataclass
+class _Copy:
+    """One file in flight: what was sent and what the receiving side must hash to."""
+
+    action: Action
+    partial: str
+    resumed_from: int = 0
+    sent: int = 0
+    digest: str = ""
+    error: str = ""
+
+
+class RateLimiter:
+    """A token bucket shared by all transfers of one run."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def consume(self, n: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + n / self.rate
+            delay = self._next - now - 0.05
+        if delay > 0:
+            time.sleep(delay)
+
+
+@dataclass
+class Executor:
+    """Run the actions of a plan and report one Outcome per action."""
+
+    local: Transport
+    remote: Transport
+    manifests: dict[Side, Manifest]
+    options: ExecOptions
+    emit: Callable[[Outcome], None]
+    warn: Callable[[str], None]
+    stop: threading.Event = field(default_factory=threading.Event)
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._emit_lock = threading.Lock()
+        self._verify_mode: str | None = None
+        self._limiter = RateLimiter(self.options.bwlimit) if self.options.bwlimit else None
+
+    # -- plumbing --------------------------------------------------------------
+
+    def side(self, side: Side) -> Transport:
+        return self.local if side is Side.LOCAL else self.remote
+
+    def _record(self, outcome: Outcome) -> None:
+        with self._emit_lock:
+            self.outcomes.append(outcome)
+            self.emit(outcome)
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Interrupted("interrupted; partial transfers are kept for resume")
+
+    def verify_mode(self) -> str:
+        """Decide once how transfers are verified: 'md5' or 'size'."""
+        if self._verify_mode is None:
+            if self.options.verify == "size":
+                self._verify_mode = "size"
+            elif self.local.can_hash() and self.remote.can_hash():
+                self._verify_mode = "md5"
+            elif self.options.verify == "md5":
+                raise VerifyUnavailable(
+                    f"--verify md5: {self.remote.label} cannot run md5sum (an SFTP-only "
+                    "account?); nothing was transferred. Use --verify auto or size"
+                )
+            else:
+                self.warn(
+                    f"MD5 is not available on {self.remote.label} (no md5sum through "
+                    "exec); transfers are verified by size only"
+                )
+                self._verify_mode = "size"
+        return self._verify_mode
+
+    # -- the run -------------------------------------------------------------
+
+    def run(self, plan: Plan) -> list[Outcome]:
+        """Execute ``plan`` in order; per-file failures become failed outcomes."""
+        if self.options.dry_run:
+            for a in plan.actions:
+                status = Status.SKIPPED if a.kind is Kind.SKIP else Status.PLANNED
+                self._record(Outcome(a, status, reason=a.reason))
+            return self.outcomes
+        if any(a.is_transfer and not a.meta_only for a in plan.actions):
+            self.verify_mode()
+        pending: list[Action] = []
+        for a in plan.actions:
+            self._check_stop()
+            if a.is_transfer and not a.meta_only:
+                pending.append(a)
+                if self._batch_full(pending):
+                    self._transfer_batch(pending)
+                    pending = []
+                continue
+            if pending:
+                self._transfer_batch(pending)
+                pending = []
+            self._run_simple(a)
+        if pending:
+            self._transfer_batch(pending)
+        self._check_stop()
+        return self.outcomes
+
+    def _batch_full(self, pending: list[Action]) -> bool:
+        total = sum(a.source.size for a in pending if a.source)
+        return len(pending) >= BATCH_FILES or total >= BATCH_BYTES
+
+    def _run_simple(self, a: Action) -> None:
+        if a.kind is Kind.SKIP:
+            self._record(Outcome(a, Status.SKIPPED, reason=a.reason))
+            return
+        target = a.target_side
+        assert target is not None
+        t = self.side(target)
+        try:
+            if a.kind in (Kind.MKDIR_LOCAL, Kind.MKDIR_REMOTE):
+                t.mkdir(a.path)
+            elif a.kind in (Kind.DELETE_LOCAL, Kind.DELETE_REMOTE):
+                t.remove(a.path, a.expected)
+            elif a.is_transfer and a.meta_only:
+                if not _matches_expected(t.stat(a.path), a.expected):
+                    raise ChangedError("changed since the scan; not touched")
+                assert a.source is not None
+                t.set_attrs(a.path, a.source.mtime, a.source.mode)
+            else:
+                raise TransferError(f"unsupported action {a.kind.value}")
+        except ChangedError as e:
+            self._record(Outcome(a, Status.SKIPPED, reason=str(e)))
+            return
+        except (TransferError, OSError) as e:
+            self._record(Outcome(a, Status.FAILED, error=_message(e)))
+            return
+        self._record(Outcome(a, Status.OK, result=a.source))
+
+    # -- transfers -------------------------------------------------------------
+
+    def _endpoints(self, a: Action) -> tuple[Transport, Transport, Side]:
+        dst_side = Side.REMOTE if a.kind is Kind.UPLOAD else Side.LOCAL
+        return self.side(dst_side.other), self.side(dst_side), dst_side
+
+    def _transfer_batch(self, actions: list[Action]) -> None:
+        """Copy a batch of files, verify them with one hash call per side, commit."""
+        mode = self.verify_mode()
+        attempts: dict[str, int] = {}
+        copies = {a.path: _Copy(a, "") for a in actions}
+        todo = list(actions)
+        for attempt in (1, 2):
+            self._check_stop()
+            done = self._copy_all(todo, copies, resume=attempt == 1, mode=mode)
+            self._check_stop()
+            verified = self._verify(done, copies, mode)
+            retry: list[Action] = []
+            for a in done:
+                c = copies[a.path]
+                attempts[a.path] = attempt
+                if c.error:
+                    continue
+                if a.path in verified:
+                    self._finish(c, mode)
+                    continue
+                src, dst, _ = self._endpoints(a)
+                _quiet(dst.remove_partial, c.partial)
+                if attempt == 1:
+                    retry.append(a)
+                else:
+                    c.error = f"{mode} verification failed twice; destination left untouched"
+            todo = retry
+            if not todo:
+                break
+        for a in actions:
+            c = copies[a.path]
+            if c.error:
+                status = Status.SKIPPED if c.error.startswith("skipped: ") else Status.FAILED
+                text = c.error.removeprefix("skipped: ")
+                self._record(
+                    Outcome(
+                        a,
+                        status,
+                        bytes=c.sent,
+                        resumed_from=c.resumed_from,
+                        error=text if status is Status.FAILED else "",
+                        reason=text if status is Status.SKIPPED else "",
+                    )
+                )
+
+    def _copy_all(
+        self, actions: list[Action], copies: dict[str, _Copy], *, resume: bool, mode: str
+    ) -> list[Action]:
+        jobs = max(1, self.options.jobs)
+        if jobs == 1 or len(actions) == 1:
+            for a in actions:
+                self._copy_guarded(copies[a.path], resume, mode)
+            return actions
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [
+                pool.submit(self._copy_guarded, copies[a.path], resume, mode) for a in actions
+            ]
+            _wait_all(futures, self.stop)
+        return actions
+
+    def _copy_guarded(self, c: _Copy, resume: bool, mode: str) -> None:
+        if self.stop.is_set():
+            c.error = "interrupted"
+            return
+        c.error = ""
+        try:
+            self._copy(c, resume, mode)
+        except ChangedError as e:
+            c.error = f"skipped: {e}"
+        except (TransferError, OSError) as e:
+            c.error = _message(e)
+        except Interrupted:
+            c.error = "interrupted"
+
+    def _copy(self, c: _Copy, resume: bool, mode: str) -> None:
+        a = c.action
+        assert a.source is not None
+        src, dst, dst_side = self._endpoints(a)
+        source = a.source
+        c.partial = partial_name(a.path, version_tag(source.size, source.mtime))
+        self._drop_stale_partials(a.path, c.partial, dst_side, dst)
+        offset = 0
+        hasher = hashlib.md5()
+        if resume and mode == "md5":
+            offset = self._resume_offset(c, src, dst, dst_side)
+            if offset:
+                local_t, local_path = (dst, c.partial) if dst is self.local else (src, a.path)
+                hasher = _prefix_hash(local_t, local_path, offset)
+        c.resumed_from = offset if resume else c.resumed_from
+        out = dst.open_write(c.partial, offset)
+        sent = 0
+        try:
+            for block in src.read_chunks(a.path, offset):
+                if self.stop.is_set():
+                    raise Interrupted("interrupted")
+                if self._limiter:
+                    self._limiter.consume(len(block))
+                out.write(block)
+                hasher.update(block)
+                sent += len(block)
+                c.sent += len(block)
+        finally:
+            out.close()
+        c.digest = hasher.hexdigest()
+        if offset + sent != source.size:
+            raise TransferError(
+                f"source changed during transfer ({offset + sent} bytes read, "
+                f"{source.size} expected); will retry on the next run"
+            )
+        if src is self.local:
+            now = src.stat(a.path)
+            if now is None or now.size != source.size or now.mtime != source.mtime:
+                _quiet(dst.remove_partial, c.partial)
+                raise TransferError("source changed during transfer; will retry on the next run")
+
+    def _resume_offset(self, c: _Copy, src: Transport, dst: Transport, dst_side: Side) -> int:
+        """Return how many bytes of an existing partial are proven to match the source."""
+        have = self.manifests[dst_side].partials.get(c.partial, 0)
+        source = c.action.source
+        assert source is not None
+        if have <= 0 or have > source.size:
+            return 0
+        found = dst.stat(c.partial)
+        if found is None or found.kind != "file" or found.size != have:
+            return 0
+        try:
+            dst_md5 = dst.hash_files([c.partial]).get(c.partial)
+            src_md5 = src.hash_prefix(c.action.path, have)
+        except (HashUnavailable, TransferError):
+            return 0
+        if dst_md5 and src_md5 and dst_md5 == src_md5:
+            return have
+        return 0
+
+    def _drop_stale_partials(self, path: str, keep: str, dst_side: Side, dst: Transport) -> None:
+        """Remove partials of ``path`` left by an older source version."""
+        parent, _, name = path.rpartition("/")
+        prefix = (parent + "/" if parent else "") + f".{name}."
+        for p in list(self.manifests[dst_side].partials):
+            if p != keep and p.startswith(prefix) and p.endswith(PARTIAL_SUFFIX):
+                middle = p[len(prefix) : -len(PARTIAL_SUFFIX)]
+                if "/" not in middle and "." not in middle:
+                    _quiet(dst.remove_partial, p)
+                    self.manifests[dst_side].partials.pop(p, None)
+
+    def _verify(self, actions: list[Action], copies: dict[str, _Copy], mode: str) -> set[str]:
+        """Return the paths whose receiving-side copy matches the source."""
+        ok: set[str] = set()
+        live = [a for a in actions if not copies[a.path].error]
+        if not live:
+            return ok
+        if mode == "size":
+            for a in live:
+                c = copies[a.path]
+                _, dst, _ = self._endpoints(a)
+                found = dst.stat(c.partial)
+                if found is not None and a.source and found.size == a.source.size:
+                    ok.add(a.path)
+            return ok
+        by_dst: dict[int, list[Action]] = {}
+        for a in live:
+            by_dst.setdefault(id(self._endpoints(a)[1]), []).append(a)
+        for group in by_dst.values():
+            src, dst, _ = self._endpoints(group[0])
+            if dst is self.local and src is not self.local:
+                # Receiving side is local: its bytes were hashed as written;
+                # compare with the source's MD5 computed by the peer.
+                sums = src.hash_files([a.path for a in group])
+                for a in group:
+                    if sums.get(a.path) == copies[a.path].digest:
+                        ok.add(a.path)
+            else:
+                partials = [copies[a.path].partial for a in group]
+                sums = dst.hash_files(partials)
+                for a in group:
+                    c = copies[a.path]
+                    if sums.get(c.partial) == c.digest:
+                        ok.add(a.path)
+        return ok
+
+    def _finish(self, c: _Copy, mode: str) -> None:
+        a = c.action
+        assert a.source is not None
+        _, dst, _ = self._endpoints(a)
+        try:
+            dst.set_attrs(c.partial, a.source.mtime, a.source.mode)
+            dst.commit(c.partial, a.path, a.expected)
+        except ChangedError as e:
+            _quiet(dst.remove_partial, c.partial)
+            c.error = f"skipped: {e}"
+            return
+        except (TransferError, OSError) as e:
+            c.error = _message(e)
+            return
+        self._record(
+            Outcome(
+                a,
+                Status.OK,
+                bytes=c.sent,
+                resumed_from=c.resumed_from,
+                verified=mode,
+                result=a.source,
+            )
+        )
+
+
+def _prefix_hash(t: Transport, path: str, length: int) -> hashlib._Hash:
+    h = hashlib.md5()
+    remaining = length
+    for block in t.read_chunks(path, 0):
+        if remaining <= 0:
+            break
+        piece = block[:remaining]
+        h.update(piece)
+        remaining -= len(piece)
+    if remaining:
+        raise TransferError("partial file shrank while resuming")
+    return h
+
+
+def _matches_expected(found: Entry | None, expected: Entry | None) -> bool:
+    from leftssh.transport.base import matches
+
+    return matches(found, expected)
+
+
+def _wait_all(futures: list[Future], stop: threading.Event) -> None:
+    for f in futures:
+        f.result()
+
+
+def _quiet(fn: Callable[..., object], *args: object) -> None:
+    try:
+        fn(*args)
+    except (TransferError, OSError):
+        pass
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f": {e.filename}" if e.filename else "")
+    return str(e)

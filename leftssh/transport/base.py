@@ -1,0 +1,72 @@
+"""The one interface both sides of a sync implement."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import BinaryIO, Protocol
+
+from leftssh.ignore import IgnoreRules
+from leftssh.model import Entry, Manifest
+
+CHUNK = 1 << 20
+
+
+class HashUnavailable(Exception):
+    """This side cannot compute MD5 (an SFTP-only peer)."""
+
+
+class Transport(Protocol):
+    """A directory tree on one side, addressed by relative posix paths.
+
+    Implementations translate their own exceptions: per-file failures raise
+    ``TransferError`` (or OSError for local I/O), connection failures raise
+    ``LeftsshError`` subclasses.
+    """
+
+    label: str
+    md5_method: str
+
+    def root_exists(self) -> bool: ...
+
+    def ensure_root(self) -> None: ...
+
+    def scan(self, ignore: IgnoreRules) -> Manifest: ...
+
+    def stat(self, path: str) -> Entry | None: ...
+
+    def can_hash(self) -> bool: ...
+
+    def hash_files(self, paths: list[str]) -> dict[str, str]: ...
+
+    def hash_prefix(self, path: str, length: int) -> str | None: ...
+
+    def open_write(self, path: str, offset: int) -> BinaryIO: ...
+
+    def read_chunks(self, path: str, offset: int) -> Iterator[bytes]: ...
+
+    def set_attrs(self, path: str, mtime: int, mode: int) -> None: ...
+
+    def commit(self, partial: str, path: str, expected: Entry | None) -> None: ...
+
+    def mkdir(self, path: str) -> None: ...
+
+    def remove(self, path: str, expected: Entry | None) -> None: ...
+
+    def remove_partial(self, path: str) -> None: ...
+
+    def rename_aside(self, path: str, new_path: str, expected: Entry | None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def matches(found: Entry | None, expected: Entry | None) -> bool:
+    """Tell whether what is on disk now is what the plan expected to find."""
+    if expected is None or found is None:
+        return expected is None and found is None
+    if expected.is_dir or found.is_dir:
+        return expected.kind == found.kind
+    return (
+        found.kind == expected.kind
+        and found.size == expected.size
+        and (found.mtime == expected.mtime)
+    )

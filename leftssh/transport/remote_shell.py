@@ -1,0 +1,386 @@
+"""Remote hashing commands for an SSH peer: build the command lines, parse their output.
+
+Pure code: nothing here opens a connection or touches a file. The caller runs the
+strings with ``exec_command`` and hands the captured bytes back to the parsers.
+
+The remote login shell is assumed to be POSIX sh compatible (bash, dash, zsh, busybox
+ash, ksh). Quoting follows these rules:
+
+* the root directory is the only caller-supplied string on a command line; it is
+  made explicit (``./`` in front of a relative path, so it can never be read as an
+  option, as ``-`` meaning ``$OLDPWD``, or be looked up in ``$CDPATH``) and then
+  quoted with :func:`shlex.quote`;
+* the names to hash never appear on a command line: they are sent on stdin,
+  NUL-terminated, each prefixed with ``./`` so that neither the hash tool nor xargs
+  can read one as an option or as ``-`` (stdin); ``--`` ends the options as well;
+* the single name of :func:`prefix_hash_command` is quoted the same way.
+
+Relative roots are relative to the login directory; ``~`` is not expanded.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Sequence
+from enum import Enum
+
+__all__ = [
+    "EMPTY_MD5",
+    "PROBE_COMMAND",
+    "HashTool",
+    "hash_command",
+    "hash_stdin",
+    "parse_hash_output",
+    "parse_prefix_hash",
+    "parse_probe",
+    "prefix_hash_command",
+]
+
+EMPTY_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
+
+_HEX32 = re.compile(rb"[0-9a-fA-F]{32}")
+_PREFIX_HASH_LINE = re.compile(rb"([0-9a-fA-F]{32})(?:[ \t]+\*?-)?")
+_RC_MARKER = b"leftssh-rc="
+_ENCODING = "utf-8"
+_ERRORS = "surrogateescape"
+
+
+class HashTool(str, Enum):
+    """An MD5 tool found on the peer; the value is the command that hashes named files."""
+
+    GNU_Z = "md5sum -z"
+    """GNU coreutils with ``-z``: NUL-terminated records, names not escaped."""
+    GNU = "md5sum"
+    """GNU or busybox md5sum: ``hash  name`` lines, GNU escapes odd names."""
+    BSD = "md5 -r"
+    """BSD/macOS md5: ``hash name`` lines, nothing escaped."""
+
+
+_MARKERS: dict[bytes, HashTool] = {
+    b"gnu-z": HashTool.GNU_Z,
+    b"gnu": HashTool.GNU,
+    b"bsd": HashTool.BSD,
+}
+_PREFERENCE = (HashTool.GNU_Z, HashTool.GNU, HashTool.BSD)
+
+
+def _build_probe() -> str:
+    # Each candidate hashes /dev/null (empty input) through exactly the pipeline that
+    # hash_command uses (names on stdin, xargs -0, '--'), and must print the empty MD5
+    # next to the name. For -z the record must end in NUL: tr swaps NUL and newline,
+    # so a newline-terminated (non -z) answer leaves `read` without a full line.
+    check = (
+        'leftssh_probe_ok() { read -r h n && [ "$h" = ' + EMPTY_MD5 + " ] && "
+        "case $n in /dev/null|'*/dev/null') true;; *) false;; esac; }"
+    )
+    feed = "printf '/dev/null\\0' | xargs -0"
+    lines = [
+        check,
+        f"if {feed} {HashTool.GNU_Z.value} -- | tr '\\0\\n' '\\n_' | leftssh_probe_ok;"
+        " then echo gnu-z; fi",
+        f"if {feed} {HashTool.GNU.value} -- | leftssh_probe_ok; then echo gnu; fi",
+        f"if {feed} {HashTool.BSD.value} -- | leftssh_probe_ok; then echo bsd; fi",
+    ]
+    return "{ " + "; ".join(lines) + "; } 2>/dev/null"
+
+
+PROBE_COMMAND: str = _build_probe()
+"""Run once per connection; prints ``gnu-z``, ``gnu`` and/or ``bsd``, one per working tool.
+
+Missing tools print nothing (all stderr is discarded) and the exit status stays 0.
+"""
+
+
+def parse_probe(stdout: bytes, exit_status: int) -> HashTool | None:
+    """Return the best tool reported by :data:`PROBE_COMMAND`, or None when none works.
+
+    Lines other than the markers (shell start-up noise) are ignored. A non-zero exit
+    status means the command did not run as a POSIX shell script: None.
+    """
+    if exit_status != 0:
+        return None
+    found = {_MARKERS[line] for line in _lines(stdout) if line in _MARKERS}
+    for tool in _PREFERENCE:
+        if tool in found:
+            return tool
+    return None
+
+
+def _lines(data: bytes) -> list[bytes]:
+    return [line.rstrip(b"\r") for line in data.split(b"\n")]
+
+
+def _check_length(length: int) -> int:
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ValueError(f"length must be an int >= 0, not {length!r}")
+    return length
+
+
+def _quote_root(root: str) -> str:
+    """Quote a remote directory for ``cd --``."""
+    if "\x00" in root:
+        raise ValueError("root contains NUL")
+    if not root:
+        root = "."
+    if not root.startswith("/") and not (root in (".", "..") or root.startswith(("./", "../"))):
+        root = "./" + root
+    return shlex.quote(root)
+
+
+def _check_relpath(path: str) -> str:
+    if not path:
+        raise ValueError("empty path")
+    if "\x00" in path:
+        raise ValueError(f"path contains NUL: {path!r}")
+    if path.startswith("/"):
+        raise ValueError(f"path must be relative to the root: {path!r}")
+    return path
+
+
+def _encode(path: str) -> bytes:
+    return path.encode(_ENCODING, _ERRORS)
+
+
+def hash_command(tool: HashTool, root: str) -> str:
+    """Return the command hashing every name that :func:`hash_stdin` feeds it, under ``root``.
+
+    xargs runs the tool as often as the argument size limit needs. Never run it with
+    an empty list: GNU xargs would then hash its own (empty) stdin as ``-``, which the
+    parser ignores, but BSD xargs has no ``-r`` to make that portable. Missing or
+    unreadable files are reported on stderr and skipped, and make the exit status
+    non-zero (xargs: 123), so the status does not say whether the other hashes are good.
+    The caller should write stdin while reading stdout, then close stdin.
+    """
+    return f"cd -- {_quote_root(root)} && xargs -0 {HashTool(tool).value} --"
+
+
+def hash_stdin(paths: Sequence[str]) -> bytes:
+    """Return the stdin for :func:`hash_command`: ``./path`` NUL-terminated, per path.
+
+    Paths are relative to the root. Names that came from undecodable bytes (surrogate
+    escapes) are sent as those bytes. Raises ValueError for an empty or absolute path
+    or one containing NUL.
+    """
+    return b"".join(b"./" + _encode(_check_relpath(p)) + b"\x00" for p in paths)
+
+
+def _unescape(name: bytes) -> bytes | None:
+    """Undo GNU md5sum name escaping (``\\\\``, ``\\n``, ``\\r``); None if malformed."""
+    if b"\\" not in name:
+        return name
+    out = bytearray()
+    i = 0
+    while i < len(name):
+        byte = name[i]
+        if byte != 0x5C:
+            out.append(byte)
+            i += 1
+            continue
+        nxt = name[i + 1 : i + 2]
+        if nxt == b"\\":
+            out += b"\\"
+        elif nxt == b"n":
+            out += b"\n"
+        elif nxt == b"r":
+            out += b"\r"
+        else:
+            return None
+        i += 2
+    return bytes(out)
+
+
+def _parse_entry(tool: HashTool, raw: bytes) -> tuple[str, bytes, bool] | None:
+    """Split one output record into (lowercase hash, name without './', escaped)."""
+    escaped = False
+    if tool is not HashTool.BSD and raw.startswith(b"\\"):
+        escaped = True
+        raw = raw[1:]
+    digest = raw[:32]
+    if len(digest) != 32 or not _HEX32.fullmatch(digest) or raw[32:33] != b" ":
+        return None
+    if tool is HashTool.BSD:
+        name: bytes | None = raw[33:]
+    else:
+        if raw[33:34] not in (b" ", b"*"):
+            return None
+        name = raw[34:]
+        if escaped:
+            name = _unescape(name)
+    if name is None or not name.startswith(b"./"):
+        return None
+    return digest.decode("ascii").lower(), name[2:], escaped
+
+
+def _request_keys(requested: Sequence[str]) -> tuple[dict[bytes, list[str]], set[bytes]]:
+    """Map the bytes sent for each path to its spellings; also the bytes sent only once."""
+    keys: dict[bytes, list[str]] = {}
+    seen_twice: set[bytes] = set()
+    for path in requested:
+        try:
+            key = _encode(path)
+        except UnicodeEncodeError:
+            continue
+        spellings = keys.get(key)
+        if spellings is None:
+            keys[key] = [path]
+            continue
+        seen_twice.add(key)
+        if path not in spellings:
+            spellings.append(path)
+    return keys, set(keys) - seen_twice
+
+
+def _candidates_z(
+    tool: HashTool, stdout: bytes, keys: dict[bytes, list[str]]
+) -> list[tuple[bytes, str]]:
+    found: list[tuple[bytes, str]] = []
+    for record in stdout.split(b"\x00")[:-1]:
+        entry = _parse_entry(tool, record)
+        if entry is not None and entry[1] in keys:
+            found.append((entry[1], entry[0]))
+            continue
+        # Output printed before the first record (shell start-up files) ends up in
+        # front of it; the record proper then starts after one of the newlines.
+        options = []
+        start = record.find(b"\n")
+        while start >= 0:
+            entry = _parse_entry(tool, record[start + 1 :])
+            if entry is not None and entry[1] in keys:
+                options.append((entry[1], entry[0]))
+            start = record.find(b"\n", start + 1)
+        if len(options) == 1:
+            found.append(options[0])
+    return found
+
+
+def _candidates_lines(
+    tool: HashTool, stdout: bytes, keys: dict[bytes, list[str]], once: set[bytes]
+) -> list[tuple[bytes, str]]:
+    # Unescaped names may contain newlines, so one entry may span several lines. Every
+    # way of reading an entry that names a requested path is a candidate; a candidate
+    # is kept only when no other candidate claims any of its lines (see _unambiguous).
+    lines = stdout.split(b"\n")[:-1]
+    splits: set[bytes] = set()
+    for key in keys:
+        at = key.find(b"\n")
+        while at >= 0:
+            splits.add(key[:at])
+            at = key.find(b"\n", at + 1)
+    spans: list[tuple[int, int, bytes, str]] = []
+    for first, line in enumerate(lines):
+        entry = _parse_entry(tool, line)
+        if entry is None:
+            continue
+        digest, name, escaped = entry
+        if name in keys:
+            spans.append((first, first, name, digest))
+        if escaped:
+            continue
+        last = first
+        while name in splits and last + 1 < len(lines):
+            last += 1
+            name = name + b"\n" + lines[last]
+            if name in keys:
+                spans.append((first, last, name, digest))
+    return _unambiguous(spans, len(lines), once)
+
+
+def _unambiguous(
+    spans: list[tuple[int, int, bytes, str]], line_count: int, once: set[bytes]
+) -> list[tuple[bytes, str]]:
+    # A candidate that alone claims all its lines is the real entry (every real entry
+    # is a candidate). A name requested once has only one real entry, so its other
+    # readings are false and are discarded, which may settle further lines.
+    alive = list(spans)
+    while True:
+        claims = [0] * line_count
+        for first, last, _, _ in alive:
+            for index in range(first, last + 1):
+                claims[index] += 1
+        settled = [
+            all(claims[index] == 1 for index in range(first, last + 1))
+            for first, last, _, _ in alive
+        ]
+        decided = {
+            span[2] for span, ok in zip(alive, settled, strict=True) if ok and span[2] in once
+        }
+        remaining = [
+            span for span, ok in zip(alive, settled, strict=True) if ok or span[2] not in decided
+        ]
+        if len(remaining) == len(alive):
+            return [
+                (name, digest)
+                for (_, _, name, digest), ok in zip(alive, settled, strict=True)
+                if ok
+            ]
+        alive = remaining
+
+
+def parse_hash_output(tool: HashTool, stdout: bytes, requested: Sequence[str]) -> dict[str, str]:
+    """Map each requested path that was hashed to its lowercase hex MD5.
+
+    Only requested names are accepted, under the spelling they were requested with.
+    Garbage, partial records, unrequested names and malformed hashes are ignored; a
+    path reported twice with different hashes is dropped; paths the tool could not
+    read are simply absent. For line-based output without escaping (BSD md5, busybox
+    md5sum), a name containing a newline is matched against the requested names; an
+    entry that can still be read in more than one way is dropped.
+    """
+    tool = HashTool(tool)
+    keys, once = _request_keys(requested)
+    if not keys:
+        return {}
+    if tool is HashTool.GNU_Z:
+        found = _candidates_z(tool, stdout, keys)
+    else:
+        found = _candidates_lines(tool, stdout, keys, once)
+    hashes: dict[bytes, str] = {}
+    conflicting: set[bytes] = set()
+    for key, digest in found:
+        if key in conflicting:
+            continue
+        if hashes.setdefault(key, digest) != digest:
+            conflicting.add(key)
+            del hashes[key]
+    return {path: digest for key, digest in hashes.items() for path in keys[key]}
+
+
+def prefix_hash_command(tool: HashTool, root: str, path: str, length: int) -> str:
+    """Return the command printing the MD5 of the first ``length`` bytes of ``root/path``.
+
+    The output is a status line for ``head`` followed by the hash line, which
+    :func:`parse_prefix_hash` checks, so a missing or unreadable file never passes
+    for the hash of empty input. A file shorter than ``length`` is hashed whole.
+    """
+    tool = HashTool(tool)
+    count = _check_length(length)
+    name = shlex.quote("./" + _check_relpath(path))
+    digest = "md5 -q" if tool is HashTool.BSD else "md5sum"
+    return (
+        f"cd -- {_quote_root(root)} && "
+        f'{{ {{ head -c {count} -- {name}; echo "{_RC_MARKER.decode()}$?" >&3; }} '
+        f"| {digest}; }} 3>&1"
+    )
+
+
+def parse_prefix_hash(tool: HashTool, stdout: bytes) -> str | None:
+    """Return the lowercase MD5 printed by :func:`prefix_hash_command`, or None.
+
+    None unless the output holds exactly one ``head`` status line, that status is 0,
+    and it is followed by exactly one valid hash line (earlier lines, such as shell
+    start-up noise, are ignored).
+    """
+    HashTool(tool)
+    lines = _lines(stdout)
+    if lines[-1] != b"":
+        return None  # the last line is incomplete
+    lines.pop()
+    markers = [i for i, line in enumerate(lines) if line.startswith(_RC_MARKER)]
+    if len(markers) != 1 or lines[markers[0]] != _RC_MARKER + b"0":
+        return None
+    rest = lines[markers[0] + 1 :]
+    if len(rest) != 1:
+        return None
+    match = _PREFIX_HASH_LINE.fullmatch(rest[0])
+    return match.group(1).decode("ascii").lower() if match else None
