@@ -18,7 +18,7 @@ from leftssh import __version__
 from leftssh.errors import Interrupted, LeftsshError, UsageError
 from leftssh.paths import display
 from leftssh.report import Reporter
-from leftssh.runner import RunOptions, oneway
+from leftssh.runner import RunOptions, oneway, sync, verify
 from leftssh.safety import DEFAULT_MAX_DELETE, parse_max_delete
 from leftssh.target import Target, parse_target
 
@@ -112,6 +112,17 @@ TRANSFER_OPTIONS = [
     _opt("--force", env="FORCE", is_flag=True, help="Override the safety stops."),
 ]
 
+CONFLICT_OPTION = [
+    _opt(
+        "--conflict",
+        env="CONFLICT",
+        type=click.Choice(["newer", "local", "remote", "skip"]),
+        default="newer",
+        show_default=True,
+        help="Two-way conflict policy: newer mtime wins, a fixed side wins, or skip (exit 1).",
+    )
+]
+
 DELETE_OPTION = [
     _opt(
         "--delete",
@@ -156,6 +167,7 @@ def _options(kw: dict[str, Any]) -> RunOptions:
         delete=kw.get("delete", False),
         max_delete=kw.get("max_delete") or DEFAULT_MAX_DELETE,
         force=kw.get("force", False),
+        conflict=kw.get("conflict", "newer"),
         verify=kw.get("verify", "auto"),
         compress=kw.get("compress", False),
         bwlimit=parse_rate(kw.get("bwlimit")),
@@ -235,6 +247,30 @@ def push(target: str, **kw: Any) -> None:
 def pull(target: str, **kw: Any) -> None:
     """Copy TARGET into the local share (one-way, remote -> local)."""
     _run_command(kw, target, functools.partial(_oneway, "pull"))
+
+
+@main_group.command(name="sync")
+@click.argument("target")
+@_apply(CONNECTION_OPTIONS + TRANSFER_OPTIONS + CONFLICT_OPTION)
+def sync_command(target: str, **kw: Any) -> None:
+    """Two-way sync with TARGET: both sides end with the same tree."""
+    _run_command(kw, target, functools.partial(sync, "sync"))
+
+
+@main_group.command()
+@click.argument("target")
+@_apply(CONNECTION_OPTIONS + TRANSFER_OPTIONS + CONFLICT_OPTION)
+def status(target: str, **kw: Any) -> None:
+    """Show what sync would do, changing nothing (exit 0 in sync, 1 pending)."""
+    _run_command(kw, target, functools.partial(sync, "status"))
+
+
+@main_group.command(name="verify")
+@click.argument("target")
+@_apply(CONNECTION_OPTIONS)
+def verify_command(target: str, **kw: Any) -> None:
+    """MD5 every file present on both sides and report those that differ (exit 1)."""
+    _run_command(kw, target, verify)
 
 
 def _oneway(direction: str, target: Target, opts: RunOptions, reporter: Reporter, stop) -> int:

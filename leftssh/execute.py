@@ -16,7 +16,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from leftssh.errors import ChangedError, Interrupted, LeftsshError, TransferError
-from leftssh.model import Action, Entry, Kind, Manifest, Outcome, Plan, Side, Status
+from leftssh.model import (
+    Action,
+    Entry,
+    Kind,
+    Manifest,
+    Outcome,
+    Plan,
+    Side,
+    Status,
+    transfer_kind,
+)
 from leftssh.paths import PARTIAL_SUFFIX, partial_name, version_tag
 from leftssh.transport.base import HashUnavailable, Transport
 
@@ -153,7 +163,48 @@ class Executor:
         total = sum(a.source.size for a in pending if a.source)
         return len(pending) >= BATCH_FILES or total >= BATCH_BYTES
 
+    def _run_conflict(self, a: Action) -> None:
+        """Keep the losing version under ``a.keep`` on both sides; the winner takes the name.
+
+        Order matters for crash safety: the loser is first renamed aside on its
+        own side (so no version is ever overwritten), then the winner is copied
+        into the free name and the kept copy to the other side.
+        """
+        if a.winner is None:
+            self._record(Outcome(a, Status.SKIPPED, reason=a.reason or "conflict"))
+            return
+        win_side, lose_side = a.winner, a.winner.other
+        win = a.local if win_side is Side.LOCAL else a.remote
+        lose = a.remote if win_side is Side.LOCAL else a.local
+        assert win is not None and lose is not None
+        try:
+            self.side(lose_side).rename_aside(a.path, a.keep, lose)
+        except ChangedError as e:
+            self._record(Outcome(a, Status.SKIPPED, reason=str(e)))
+            return
+        except (TransferError, OSError) as e:
+            self._record(Outcome(a, Status.FAILED, error=_message(e)))
+            return
+        copies = [Action(transfer_kind(win_side), a.keep, source=_moved(lose, a.keep))]
+        if not win.is_dir:
+            copies.insert(0, Action(transfer_kind(lose_side), a.path, source=win))
+        sink: list[Outcome] = []
+        self._transfer_batch(copies, sink)
+        failed = [o for o in sink if o.status is not Status.OK]
+        sent = sum(o.bytes for o in sink)
+        verified = {o.verified for o in sink} - {"none"}
+        if failed:
+            error = "; ".join(f"{o.action.path}: {o.error or o.reason}" for o in failed)
+            self._record(Outcome(a, Status.FAILED, bytes=sent, error=error))
+            return
+        self._record(
+            Outcome(a, Status.OK, bytes=sent, verified=",".join(sorted(verified)) or "none")
+        )
+
     def _run_simple(self, a: Action) -> None:
+        if a.kind is Kind.CONFLICT:
+            self._run_conflict(a)
+            return
         if a.kind is Kind.SKIP:
             self._record(Outcome(a, Status.SKIPPED, reason=a.reason))
             return
@@ -186,7 +237,13 @@ class Executor:
         dst_side = Side.REMOTE if a.kind is Kind.UPLOAD else Side.LOCAL
         return self.side(dst_side.other), self.side(dst_side), dst_side
 
-    def _transfer_batch(self, actions: list[Action]) -> None:
+    def _out(self, outcome: Outcome, sink: list[Outcome] | None) -> None:
+        if sink is None:
+            self._record(outcome)
+        else:
+            sink.append(outcome)
+
+    def _transfer_batch(self, actions: list[Action], sink: list[Outcome] | None = None) -> None:
         """Copy a batch of files, verify them with one hash call per side, commit."""
         mode = self.verify_mode()
         attempts: dict[str, int] = {}
@@ -204,7 +261,7 @@ class Executor:
                 if c.error:
                     continue
                 if a.path in verified:
-                    self._finish(c, mode)
+                    self._finish(c, mode, sink)
                     continue
                 src, dst, _ = self._endpoints(a)
                 _quiet(dst.remove_partial, c.partial)
@@ -220,7 +277,7 @@ class Executor:
             if c.error:
                 status = Status.SKIPPED if c.error.startswith("skipped: ") else Status.FAILED
                 text = c.error.removeprefix("skipped: ")
-                self._record(
+                self._out(
                     Outcome(
                         a,
                         status,
@@ -228,7 +285,8 @@ class Executor:
                         resumed_from=c.resumed_from,
                         error=text if status is Status.FAILED else "",
                         reason=text if status is Status.SKIPPED else "",
-                    )
+                    ),
+                    sink,
                 )
 
     def _copy_all(
@@ -366,7 +424,7 @@ class Executor:
                         ok.add(a.path)
         return ok
 
-    def _finish(self, c: _Copy, mode: str) -> None:
+    def _finish(self, c: _Copy, mode: str, sink: list[Outcome] | None) -> None:
         a = c.action
         assert a.source is not None
         _, dst, _ = self._endpoints(a)
@@ -380,15 +438,17 @@ class Executor:
         except (TransferError, OSError) as e:
             c.error = _message(e)
             return
-        self._record(
+        result = a.source.with_md5(c.digest) if mode == "md5" else a.source
+        self._out(
             Outcome(
                 a,
                 Status.OK,
                 bytes=c.sent,
                 resumed_from=c.resumed_from,
                 verified=mode,
-                result=a.source,
-            )
+                result=result,
+            ),
+            sink,
         )
 
 
@@ -404,6 +464,10 @@ def _prefix_hash(t: Transport, path: str, length: int) -> hashlib._Hash:
     if remaining:
         raise TransferError("partial file shrank while resuming")
     return h
+
+
+def _moved(e: Entry, path: str) -> Entry:
+    return Entry(path, e.kind, e.size, e.mtime, e.mode, e.md5)
 
 
 def _matches_expected(found: Entry | None, expected: Entry | None) -> bool:

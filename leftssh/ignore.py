@@ -26,6 +26,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import pathspec
 
@@ -216,9 +217,11 @@ def _compile_body(text: str) -> str | None:
 
 
 def _translate(body: str, anchored: bool) -> str | None:
-    """Regex (fullmatch, DOTALL) for a pattern body relative to its ignore file's directory.
+    """Regex (fullmatch, DOTALL) for a pattern body; None if it never matches.
 
-    ``body`` has no negation, no trailing ``/`` and no leading ``/``. None: never matches.
+    ``body`` has no negation, no trailing ``/`` and no leading ``/``. An ``anchored`` body
+    is matched against the path relative to its ignore file's directory, any other body
+    (git's "no slash" patterns) against the last component of the path only.
     """
     subs: dict[str, str] = {}
 
@@ -291,7 +294,9 @@ def _translate(body: str, anchored: bool) -> str | None:
     if len(segments) >= 2 and segments[-1] == "**":
         segments.append("*")  # "dir/**" matches what is inside dir, not dir itself
     text = "/".join(segments)
-    if anchored and len(segments) == 1:
+    if len(segments) == 1:
+        # Anchor it: an anchored pattern to the ignore file's directory, a name pattern
+        # (no "/" at all) to the name it is matched against.
         text = "/" + text
     elif text[0] in "!#":
         text = "\\" + text
@@ -309,8 +314,15 @@ def _translate(body: str, anchored: bool) -> str | None:
     return source
 
 
-def _compile_line(line: str) -> tuple[bool, bool, str] | None:
-    """One ignore-file line (already byte-mapped) -> (negated, dir_only, regex) or None."""
+class _Rule(NamedTuple):
+    negated: bool
+    dir_only: bool
+    anchored: bool  # False: matched against the name only
+    regex: str
+
+
+def _compile_line(line: str) -> _Rule | None:
+    """One ignore-file line (already byte-mapped) -> its rule, or None for a no-op."""
     if not line or line[0] == "#":
         return None
     line = _trim_trailing_spaces(line)
@@ -329,38 +341,59 @@ def _compile_line(line: str) -> tuple[bool, bool, str] | None:
     regex = _translate(body, anchored)
     if regex is None:
         return None
-    return negated, dir_only, regex
+    return _Rule(negated, dir_only, anchored, regex)
+
+
+_Alternation = tuple[re.Pattern[str], dict[str, tuple[int, bool]]]
+
+
+def _alternation(rules: list[tuple[int, _Rule]]) -> _Alternation | None:
+    """One regex for several rules; a match names the last matching rule."""
+    if not rules:
+        return None
+    # Later patterns win: try them first, the alternation takes the first that fits.
+    parts = [f"(?P<r{index}>{rule.regex})" for index, rule in reversed(rules)]
+    info = {f"r{index}": (index, not rule.negated) for index, rule in rules}
+    return re.compile("|".join(parts), re.DOTALL), info
 
 
 class _Level:
     """The compiled patterns of one ignore file: the last matching pattern decides."""
 
-    __slots__ = ("_file_rx", "_dir_rx")
+    __slots__ = ("_by_name", "_by_path")
 
-    def __init__(self, rules: list[tuple[bool, bool, str]]) -> None:
-        self._file_rx = self._combine([r for r in enumerate(rules) if not r[1][1]])
-        self._dir_rx = self._combine(list(enumerate(rules)))
+    def __init__(self, rules: list[_Rule]) -> None:
+        numbered = list(enumerate(rules))
 
-    @staticmethod
-    def _combine(rules: list[tuple[int, tuple[bool, bool, str]]]) -> re.Pattern[str] | None:
-        if not rules:
-            return None
-        # Later patterns win: try them first, the alternation takes the first that fits.
-        parts = [
-            f"(?P<{'n' if negated else 'i'}{index}>{regex})"
-            for index, (negated, _dir_only, regex) in reversed(rules)
-        ]
-        return re.compile("|".join(parts), re.DOTALL)
+        def pick(anchored: bool, is_dir: bool) -> _Alternation | None:
+            return _alternation(
+                [
+                    (i, rule)
+                    for i, rule in numbered
+                    if rule.anchored == anchored and (is_dir or not rule.dir_only)
+                ]
+            )
+
+        # Indexed by is_dir: name patterns see the last component, the others the path.
+        self._by_name = (pick(False, False), pick(False, True))
+        self._by_path = (pick(True, False), pick(True, True))
 
     def match(self, rel: str, is_dir: bool) -> bool | None:
         """True: ignored, False: re-included, None: no pattern of this file matches."""
-        rx = self._dir_rx if is_dir else self._file_rx
-        if rx is None:
-            return None
-        m = rx.fullmatch(rel)
-        if m is None:
-            return None
-        return m.lastgroup is not None and m.lastgroup[0] == "i"
+        best: tuple[int, bool] | None = None
+        alt = self._by_name[is_dir]
+        if alt is not None:
+            m = alt[0].fullmatch(rel.rpartition("/")[2])
+            if m is not None and m.lastgroup is not None:
+                best = alt[1][m.lastgroup]
+        alt = self._by_path[is_dir]
+        if alt is not None:
+            m = alt[0].fullmatch(rel)
+            if m is not None and m.lastgroup is not None:
+                found = alt[1][m.lastgroup]
+                if best is None or found[0] > best[0]:
+                    best = found
+        return None if best is None else best[1]
 
 
 def _compile_level(lines: list[str]) -> _Level | None:
@@ -386,7 +419,7 @@ class IgnoreRules:
     def __init__(self, root_lines: Iterable[str] = ()) -> None:
         self._root: list[str] = _clean_lines(root_lines)
         self._nested: dict[str, list[str]] = {}  # byte-mapped share-relative dir -> lines
-        self._compiled: dict[str, _Level | None] = {}  # byte-mapped dir -> level
+        self._compiled: dict[str, _Level | None] = {}  # same keys -> compiled, lazily
         self._root_level: _Level | None = _compile_level(self._root)
         self._reset_caches()
 
@@ -424,6 +457,7 @@ class IgnoreRules:
         self._reset_caches()
 
     def copy(self) -> IgnoreRules:
+        """An independent copy (adding files to it leaves this one unchanged)."""
         new = IgnoreRules.__new__(IgnoreRules)
         new._root = list(self._root)
         new._nested = {d: list(lines) for d, lines in self._nested.items()}
@@ -467,7 +501,7 @@ class IgnoreRules:
 
     def _reset_caches(self) -> None:
         base: list[tuple[int, _Level]] = []
-        root_nested = self._level_at("")
+        root_nested = self._level_at("") if "" in self._nested else None
         if root_nested is not None:
             base.append((0, root_nested))
         if self._root_level is not None:
@@ -498,7 +532,7 @@ class IgnoreRules:
             d = d.rpartition("/")[0]
         levels = cache[d]
         for d in reversed(chain):
-            level = self._level_at(d) if self._nested else None
+            level = self._level_at(d) if d in self._nested else None
             if level is not None:
                 levels = ((len(d) + 1, level), *levels)
             cache[d] = levels

@@ -86,6 +86,7 @@ class Kind(str, Enum):
     MKDIR_REMOTE = "mkdir_remote"
     CONFLICT = "conflict"
     SKIP = "skip"
+    VERIFY = "verify"
 
 
 def transfer_kind(dst: Side) -> Kind:
@@ -172,3 +173,23 @@ class Outcome:
     error: str = ""
     reason: str = ""
     result: Entry | None = None
+
+
+Snapshot = tuple[int, int, int]  # size, whole-second mtime, mode
+
+
+@dataclass(frozen=True)
+class BaseEntry:
+    """The last agreed state of one path: its kind, content hash, and how each side saw it."""
+
+    kind: str
+    md5: str | None = None
+    local: Snapshot | None = None
+    remote: Snapshot | None = None
+
+    def snap(self, side: Side) -> Snapshot | None:
+        return self.local if side is Side.LOCAL else self.remote
+
+
+def snapshot(e: Entry) -> Snapshot:
+    return (e.size, e.mtime, e.mode)

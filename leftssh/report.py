@@ -89,6 +89,7 @@ class Reporter:
     started: float = field(default_factory=time.monotonic)
     outcomes: list[Outcome] = field(default_factory=list)
     extra_exit: int = 0
+    extra_summary: dict = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def emit(self, o: Outcome) -> None:
@@ -144,6 +145,7 @@ class Reporter:
                 counts[_COUNTED[o.action.kind]] += 1
             total_bytes += o.bytes
         body: dict = {"target": self.target, **counts, "failed": failed, "bytes": total_bytes}
+        body.update(self.extra_summary)
         body["seconds"] = round(time.monotonic() - self.started, 3)
         body["exit_code"] = exit_code
         if error:

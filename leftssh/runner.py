@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from leftssh.errors import UsageError
-from leftssh.execute import ExecOptions, Executor
+from leftssh.errors import SafetyError, UsageError
+from leftssh.execute import ExecOptions, Executor, VerifyUnavailable
 from leftssh.ignore import IgnoreRules
-from leftssh.model import Manifest, Plan, Side
+from leftssh.lock import Heartbeat
+from leftssh.model import Action, BaseEntry, Kind, Manifest, Outcome, Plan, Side, Status
 from leftssh.plan import needs_hash_oneway, plan_oneway
+from leftssh.reconcile import needs_hash_sync, next_base, plan_sync, simulate
 from leftssh.report import Reporter
 from leftssh.safety import DEFAULT_MAX_DELETE, check_max_delete
+from leftssh.state import BaseStore, pair_key
 from leftssh.target import Target, parse_target, resolve_ssh
 from leftssh.transport.base import HashUnavailable, Transport
 from leftssh.transport.local import LocalTransport
@@ -101,7 +104,12 @@ def oneway(
         raise UsageError(f"local share {local_dir} is not a directory")
     remote = open_remote(target, opts)
     local = LocalTransport(local_dir)
+    locks = _Locks(direction, reporter)
     try:
+        if not opts.dry_run:
+            for t in (local, remote):
+                if t.root_exists():
+                    locks.take(t)
         reporter.info(f"scanning {local.label}")
         local_m = local.scan(ignore)
         reporter.info(f"listing {remote.label}")
@@ -121,7 +129,9 @@ def oneway(
         if opts.delete and not opts.force:
             check_max_delete(plan, {dst_side: dst_m}, opts.max_delete)
         if not opts.dry_run:
-            (remote if direction == "push" else local).ensure_root()
+            dst = remote if direction == "push" else local
+            dst.ensure_root()
+            locks.take(dst)
         executor = Executor(
             local=local,
             remote=remote,
@@ -136,6 +146,7 @@ def oneway(
         executor.run(plan)
         return reporter.exit_code()
     finally:
+        locks.release()
         local.close()
         remote.close()
 
@@ -157,3 +168,232 @@ def _fill_hashes(
     for path in paths:
         local_m.entries[path] = local_m.entries[path].with_md5(local_sums.get(path))
         remote_m.entries[path] = remote_m.entries[path].with_md5(remote_sums.get(path))
+
+
+class _Locks:
+    """Locks taken on each side for one run; released in reverse order."""
+
+    def __init__(self, command: str, reporter: Reporter) -> None:
+        self.command = command
+        self.held: list[Transport] = []
+        self._beat: Heartbeat | None = None
+
+    def take(self, t: Transport) -> None:
+        if t in self.held:
+            return
+        t.acquire_lock(self.command)
+        self.held.append(t)
+        if self._beat is None:
+            self._beat = Heartbeat([self._touch]).start()
+
+    def _touch(self) -> None:
+        for t in list(self.held):
+            t.touch_lock()
+
+    def release(self) -> None:
+        if self._beat is not None:
+            self._beat.stop()
+        for t in reversed(self.held):
+            t.release_lock()
+        self.held.clear()
+
+
+def _pair_store(target: Target, opts: RunOptions, remote: Transport) -> BaseStore:
+    if target.local_path is not None:
+        ident = ("", "", 0, str(target.local_path))
+    else:
+        settings = remote.settings  # type: ignore[attr-defined]
+        ident = (settings.user, settings.hostname, settings.port, remote.root)  # type: ignore[attr-defined]
+    user, host, port, path = ident
+    key = pair_key(opts.local_dir, user, host, port, path)
+    describe = {
+        "local": str(opts.local_dir),
+        "user": user,
+        "host": host,
+        "port": port,
+        "remote": path,
+    }
+    return BaseStore(key, describe)
+
+
+def base_file_count(base: dict[str, BaseEntry], side: Side) -> int:
+    return sum(1 for e in base.values() if e.kind == "file" and e.snap(side) is not None)
+
+
+def check_emptied_root(
+    base: dict[str, BaseEntry], manifests: dict[Side, Manifest], labels: dict[Side, str]
+) -> None:
+    """Stop (exit 6) when a side whose base had files is now empty or missing."""
+    for side, m in manifests.items():
+        had = base_file_count(base, side)
+        if had and m.file_count() == 0:
+            state = "missing" if not m.exists else "empty"
+            raise SafetyError(
+                f"the {side.value} share {labels[side]} is {state} but held {had} file(s) at "
+                "the last sync (an unmounted disk or a wrong path?); nothing was changed. "
+                "If you really emptied it, pass --force to delete everything on the other side"
+            )
+
+
+def sync(
+    mode: str,
+    target: Target,
+    opts: RunOptions,
+    reporter: Reporter,
+    stop: threading.Event,
+) -> int:
+    """Run ``sync`` (mode 'sync') or ``status`` (mode 'status'); return the exit code."""
+    local_dir = opts.local_dir
+    ignore = IgnoreRules.from_project(local_dir)
+    if local_dir.exists() and not local_dir.is_dir():
+        raise UsageError(f"local share {local_dir} is not a directory")
+    read_only = mode == "status" or opts.dry_run
+    remote = open_remote(target, opts)
+    local = LocalTransport(local_dir)
+    locks = _Locks(mode, reporter)
+    try:
+        store = _pair_store(target, opts, remote)
+        base = store.load()
+        reporter.info(f"sync state: {store.path}" + ("" if base is not None else " (none yet)"))
+        if not read_only:
+            for t in (local, remote):
+                if t.root_exists():
+                    locks.take(t)
+        local_m = local.scan(ignore)
+        remote_m = remote.scan(ignore)
+        rules = combined_rules(ignore, local_m, remote_m)
+        filter_ignored(local_m, rules)
+        filter_ignored(remote_m, rules)
+        manifests = {Side.LOCAL: local_m, Side.REMOTE: remote_m}
+        if not local_m.exists and not remote_m.exists:
+            raise UsageError(
+                f"neither the local share {local_dir} nor the remote share {remote.label} exists"
+            )
+        if base is not None and not opts.force:
+            check_emptied_root(
+                base, manifests, {Side.LOCAL: local.label, Side.REMOTE: remote.label}
+            )
+        needed = needs_hash_sync(base or {}, local_m, remote_m, opts.checksum)
+        if needed:
+            try:
+                _fill_hashes(needed, local, remote, local_m, remote_m)
+            except UsageError as e:
+                if opts.checksum:
+                    raise
+                reporter.warn(f"{e}; files changed on both sides are treated as conflicts")
+        plan = plan_sync(base or {}, local_m, remote_m, opts.conflict, checksum=opts.checksum)
+        if not opts.force:
+            check_max_delete(plan, manifests, opts.max_delete)
+        if read_only:
+            Executor(
+                local=local,
+                remote=remote,
+                manifests=manifests,
+                options=ExecOptions(dry_run=True),
+                emit=reporter.emit,
+                warn=reporter.warn,
+                stop=stop,
+            ).run(plan)
+            if mode == "status":
+                pending = any(a.kind is not Kind.SKIP for a in plan.actions)
+                return 1 if pending else 0
+            return 0
+        for t, m in ((local, local_m), (remote, remote_m)):
+            if not m.exists:
+                t.ensure_root()
+                locks.take(t)
+        executor = Executor(
+            local=local,
+            remote=remote,
+            manifests=manifests,
+            options=ExecOptions(verify=opts.verify, jobs=opts.jobs, bwlimit=opts.bwlimit),
+            emit=reporter.emit,
+            warn=reporter.warn,
+            stop=stop,
+        )
+        try:
+            executor.run(plan)
+        finally:
+            store.save(_base_after(base or {}, local_m, remote_m, executor.outcomes, plan))
+        return reporter.exit_code()
+    finally:
+        locks.release()
+        local.close()
+        remote.close()
+
+
+def _base_after(
+    base: dict[str, BaseEntry],
+    local_m: Manifest,
+    remote_m: Manifest,
+    outcomes: list[Outcome],
+    plan: Plan,
+) -> dict[str, BaseEntry]:
+    """The new base: what succeeded is agreed; every other planned path keeps its old record."""
+    done: list[Action] = []
+    settled: set[int] = set()
+    for o in outcomes:
+        if o.status is Status.OK:
+            a = o.action
+            if a.is_transfer and o.result is not None:
+                a = replace(a, source=o.result)
+            done.append(a)
+            settled.add(id(o.action))
+    unsettled: set[str] = set()
+    for a in plan.actions:
+        if a.kind is Kind.SKIP:
+            continue
+        if id(a) not in settled:
+            unsettled.add(a.path)
+            if a.keep:
+                unsettled.add(a.keep)
+    local_after, remote_after = simulate(local_m.entries, remote_m.entries, done)
+    return next_base(base, local_after, remote_after, unsettled)
+
+
+def verify(target: Target, opts: RunOptions, reporter: Reporter, stop: threading.Event) -> int:
+    """MD5 every file present on both sides; report those that differ (exit 1 if any)."""
+    local_dir = opts.local_dir
+    ignore = IgnoreRules.from_project(local_dir)
+    if not local_dir.is_dir():
+        raise UsageError(f"local share {local_dir} does not exist")
+    remote = open_remote(target, opts)
+    local = LocalTransport(local_dir)
+    try:
+        local_m = local.scan(ignore)
+        remote_m = remote.scan(ignore)
+        if not remote_m.exists:
+            raise UsageError(f"remote share {remote.label} does not exist")
+        rules = combined_rules(ignore, local_m, remote_m)
+        filter_ignored(local_m, rules)
+        filter_ignored(remote_m, rules)
+        both = sorted(
+            p
+            for p, e in local_m.entries.items()
+            if not e.is_dir and (r := remote_m.entries.get(p)) is not None and not r.is_dir
+        )
+        if not remote.can_hash():
+            raise VerifyUnavailable(
+                f"verify needs md5sum on {remote.label}, which cannot run it (SFTP-only account?)"
+            )
+        remote_sums = remote.hash_files(both)
+        local_sums = local.hash_files(both)
+        differ = 0
+        for path in both:
+            ls, rs = local_sums.get(path), remote_sums.get(path)
+            if ls is None or rs is None or ls != rs:
+                differ += 1
+                why = "could not be read" if ls is None or rs is None else "content differs"
+                reporter.emit(
+                    Outcome(
+                        Action(Kind.VERIFY, path),
+                        Status.FAILED,
+                        error=f"{why} (local {ls or '-'}, remote {rs or '-'})",
+                        verified="md5",
+                    )
+                )
+        reporter.extra_summary = {"verified": len(both) - differ, "differ": differ}
+        return 1 if differ else 0
+    finally:
+        local.close()
+        remote.close()

@@ -7,17 +7,20 @@ import hashlib
 import json
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from leftssh.errors import ChangedError, TransferError, UsageError
+from leftssh import lock
+from leftssh.errors import ChangedError, LockError, TransferError, UsageError
 from leftssh.ignore import IGNORE_FILE, IgnoreRules
 from leftssh.model import DIR, FILE, Entry, Manifest, Skipped
 from leftssh.paths import PARTIAL_SUFFIX, STATE_DIR, UnsafePath, check_name, is_internal, join
 from leftssh.transport.base import CHUNK, matches
 
 CACHE_FILE = "md5-cache.json"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _IGNORE_MAX = 1 << 20
 
 
@@ -52,6 +55,7 @@ class LocalTransport:
         self._stat_keys: dict[str, tuple[int, int, int]] = {}
         self._cache: dict[str, list] | None = None
         self._cache_dirty = False
+        self._lock_path: str | None = None
 
     # -- paths -------------------------------------------------------------
 
@@ -325,5 +329,48 @@ class LocalTransport:
             raise ChangedError(f"{new_path} already exists")
         os.rename(self.full(path), dst)
 
+    # -- locking -----------------------------------------------------------
+
+    def acquire_lock(self, command: str) -> None:
+        """Take this share's run lock or raise LockError naming the holder."""
+        path = os.path.join(self.root, lock.LOCK_NAME)
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+            except FileExistsError:
+                try:
+                    with open(path, "rb") as f:
+                        info = lock.decode(f.read(4096))
+                    age = time.time() - os.lstat(path).st_mtime
+                except FileNotFoundError:
+                    continue
+                if lock.is_stale(info, age):
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+                    continue
+                raise LockError(lock.describe(info, self.label)) from None
+            except OSError as e:
+                raise UsageError(f"cannot lock {self.label}: {_describe(e)}") from e
+            with os.fdopen(fd, "wb") as f:
+                f.write(lock.encode(lock.holder_info(command)))
+            self._lock_path = path
+            return
+        raise LockError(f"{self.label}: could not take the lock")
+
+    def touch_lock(self) -> None:
+        if self._lock_path:
+            os.utime(self._lock_path)
+
+    def release_lock(self) -> None:
+        if self._lock_path:
+            try:
+                os.unlink(self._lock_path)
+            except OSError:
+                pass
+            self._lock_path = None
+
     def close(self) -> None:
+        self.release_lock()
         self.save_cache()

@@ -12,6 +12,7 @@ import posixpath
 import socket
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -19,12 +20,14 @@ from typing import BinaryIO
 import paramiko
 from paramiko.sftp import CMD_SETSTAT
 
+from leftssh import lock
 from leftssh.errors import (
     AuthError,
     ChangedError,
     ConnectError,
     HostKeyError,
     LeftsshError,
+    LockError,
     TransferError,
     UsageError,
 )
@@ -271,6 +274,7 @@ class SFTPTransport:
         self._tool: remote_shell.HashTool | None = None
         self._probed = False
         self.md5_method = "md5"
+        self._lock_path: str | None = None
         sftp = self.client()
         try:
             home = sftp.normalize(".")
@@ -639,7 +643,53 @@ class SFTPTransport:
         except Exception as e:
             raise _io_error(e, "rename") from e
 
+    # -- locking -------------------------------------------------------------
+
+    def acquire_lock(self, command: str) -> None:
+        """Take the remote share's run lock (exclusive create) or raise LockError."""
+        sftp = self.client()
+        path = self.full(lock.LOCK_NAME)
+        for _ in range(3):
+            try:
+                with sftp.open(path, "xb") as f:
+                    f.write(lock.encode(lock.holder_info(command)))
+                self._lock_path = path
+                return
+            except OSError as e:
+                try:
+                    with sftp.open(path, "rb") as f:
+                        info = lock.decode(f.read(4096))
+                    age = time.time() - (sftp.stat(path).st_mtime or 0)
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    raise UsageError(f"cannot lock {self.label}: {e}") from e
+                if lock.is_stale(info, age):
+                    try:
+                        sftp.remove(path)
+                    except OSError:
+                        pass
+                    continue
+                raise LockError(lock.describe(info, self.label)) from None
+            except Exception as e:
+                raise _io_error(e, "taking the lock") from e
+        raise LockError(f"{self.label}: could not take the lock")
+
+    def touch_lock(self) -> None:
+        if self._lock_path:
+            now = int(time.time())
+            self.client().utime(self._lock_path, (now, now))
+
+    def release_lock(self) -> None:
+        if self._lock_path and self._t.is_active():
+            try:
+                self.client().remove(self._lock_path)
+            except Exception:
+                pass
+        self._lock_path = None
+
     def close(self) -> None:
+        self.release_lock()
         for sftp in self._clients:
             try:
                 sftp.close()

@@ -1,0 +1,98 @@
+"""Run locks: one leftssh run at a time per share, on each side.
+
+The lock is a file ``.leftssh.lock`` at the share root, created exclusively
+(``O_EXCL`` locally, SFTP's EXCL flag remotely) and holding who took it. It
+is stale when its holder is a process on this machine that no longer exists,
+or when nobody refreshed it for ``STALE_AFTER`` seconds (the holder touches it
+every ``HEARTBEAT`` seconds, so a holder on another machine that died is
+detected after that delay).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+LOCK_NAME = ".leftssh.lock"
+HEARTBEAT = 30.0
+STALE_AFTER = 600.0
+
+
+def holder_info(command: str) -> dict:
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "command": command,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def encode(info: dict) -> bytes:
+    return (json.dumps(info) + "\n").encode()
+
+
+def decode(data: bytes) -> dict:
+    try:
+        info = json.loads(data.decode("utf-8", "replace"))
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale(info: dict, age: float, this_host: str | None = None) -> bool:
+    """Tell whether a lock with holder ``info``, last touched ``age`` seconds ago, is dead."""
+    host = this_host or socket.gethostname()
+    pid = info.get("pid")
+    if info.get("host") == host and isinstance(pid, int) and pid > 0:
+        return not _pid_alive(pid)
+    if not info:
+        return age > 60
+    return age > STALE_AFTER
+
+
+def describe(info: dict, where: str) -> str:
+    if not info:
+        return f"{where} is locked by another leftssh run (holder unknown)"
+    return (
+        f"{where} is locked by another leftssh run: pid {info.get('pid')} on "
+        f"{info.get('host')} ({info.get('command', 'run')} since {info.get('started')})"
+    )
+
+
+class Heartbeat:
+    """Touch held locks periodically so other machines can tell they are alive."""
+
+    def __init__(self, touches: list[Callable[[], None]], interval: float = HEARTBEAT) -> None:
+        self._touches = touches
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            for touch in self._touches:
+                try:
+                    touch()
+                except Exception:
+                    pass
+
+    def stop(self) -> None:
+        self._stop.set()
