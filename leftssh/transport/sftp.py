@@ -651,7 +651,7 @@ class SFTPTransport:
         path = self.full(lock.LOCK_NAME)
         for _ in range(3):
             try:
-                with sftp.open(path, "xb") as f:
+                with sftp.open(path, "wxb") as f:
                     f.write(lock.encode(lock.holder_info(command)))
                 self._lock_path = path
                 return

@@ -454,7 +454,7 @@ def make_big_file(path: Path, size: int) -> None:
 
 
 def make_small_tree(root: Path, files: int, folders: int, lo: int, hi: int, seed: int) -> None:
-    marker = root / ".bench-complete"
+    marker = root.parent / f"{root.name}.complete"
     if marker.exists():
         return
     if root.exists():
@@ -473,12 +473,11 @@ def make_small_tree(root: Path, files: int, folders: int, lo: int, hi: int, seed
 
 
 def copy_tree(src: Path, dst: Path) -> None:
-    """Copy a tree with mtimes (so both sides already agree), leaving out the marker."""
+    """Copy a tree with its mtimes, so that both sides already agree."""
     if dst.exists():
         shutil.rmtree(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
-    with contextlib.suppress(FileNotFoundError):
-        (dst / ".bench-complete").unlink()
 
 
 def clear_dir(path: Path) -> None:
@@ -495,12 +494,8 @@ def count_files(root: Path) -> int:
     n = 0
     for _, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(".left")]
-        n += sum(1 for f in files if not f.startswith(".left") and not f.startswith(".bench"))
+        n += sum(1 for f in files if not f.startswith(".left"))
     return n
-
-
-def drop_caches_hint() -> None:
-    """Nothing: page caches stay warm for both tools alike (alternate runs)."""
 
 
 # -- the benchmark ----------------------------------------------------------------------------
@@ -722,7 +717,7 @@ class Bench:
 
         def right() -> Run:
             run = r.measure(
-                "rsync", r.rsync_cmd(f"{src}/", f"{ALIAS}:{dst_r}/", "--exclude=/.bench-*"), 600
+                "rsync", r.rsync_cmd(f"{src}/", f"{ALIAS}:{dst_r}/"), 600
             )
             check_count(dst_r, n)
             return run
@@ -790,7 +785,10 @@ class Bench:
             clear_dir(dst_r)
             rcmd = r.rsync_cmd(f"{src}/", f"{ALIAS}:{dst_r}/", "--partial")
             kill_r = r.killed_at(
-                "rsync", rcmd, dst_r, lambda n: n.startswith(".big.bin."), size, frac, 300
+                "rsync", rcmd, dst_r, lambda n: n == "big.bin" or n.startswith(".big.bin."),
+                size,
+                frac,
+                300,
             )
             res_r = r.measure("rsync", rcmd, 600)
             check_size(dst_r / "big.bin", size)
@@ -947,7 +945,9 @@ def print_table(results: dict) -> None:
     print("-" * len(hdr))
     for name in ("W1", "W2", "W3", "W4"):
         s = w.get(name)
-        if not s:
+        if not s or "error" in s:
+            if s:
+                print(f"{name:4} FAILED: {s['error'].splitlines()[0][:100]}")
             continue
         target = TARGETS[name]["ratio"]
         ok = s["ratio_median"] <= target
@@ -964,7 +964,9 @@ def print_table(results: dict) -> None:
             f"{cmd}"
         )
     s = w.get("W5")
-    if s:
+    if s and "error" in s:
+        print(f"W5   FAILED: {s['error'].splitlines()[0][:100]}")
+    elif s:
         ok = s["leftssh_resent_fraction_median"] <= TARGETS["W5"]["resent_fraction"]
         print(
             f"W5   resume {s['leftssh_resume_seconds_median']:.2f}s vs rsync "
@@ -975,7 +977,9 @@ def print_table(results: dict) -> None:
             f"{s['rsync_resent_fraction_median']:.1%}; rss {s['leftssh_peak_rss_kb'] / 1024:.0f}MB"
         )
     s = w.get("MEM")
-    if s:
+    if s and "error" in s:
+        print(f"MEM  FAILED: {s['error'].splitlines()[0][:100]}")
+    elif s:
         rss = (s["leftssh_peak_rss_kb"] or 0) / 1024
         print(
             f"MEM  no-op {s['command']} of {s['files']} files: leftssh {s['leftssh_seconds']:.2f}s, "
