@@ -9,6 +9,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -198,47 +199,97 @@ class _Signals:
             signal.signal(sig, old)
 
 
-def _run_command(
-    kw: dict[str, Any], target_text: str, body: Callable[[Target, RunOptions, Reporter, Any], int]
-) -> None:
-    json_mode = kw.get("json_mode", False)
+Body = Callable[[Target, RunOptions, Reporter, threading.Event], int]
+
+
+def _run_one(
+    kw: dict[str, Any],
+    target_text: str,
+    body: Body,
+    stop: threading.Event,
+    *,
+    multi: bool = False,
+    stop_is_normal: bool = False,
+) -> int:
+    """Run ``body`` for one target; print its errors and summary; return its exit code."""
     reporter = Reporter(
         target=target_text,
-        json_mode=json_mode,
+        json_mode=kw.get("json_mode", False),
         quiet=kw.get("quiet", False),
         verbose=kw.get("verbose", False),
+        multi=multi,
+        progress=_progress_wanted(kw),
     )
     code = 0
     error: str | None = None
-    with _Signals() as signals:
-        try:
-            target = parse_target(target_text)
-            reporter.target = target.label()
-            opts = _options(kw)
-            code = body(target, opts, reporter, signals.stop)
-            if signals.stop.is_set():
-                code = Interrupted.exit_code
-                error = "interrupted"
-        except LeftsshError as e:
-            code, error = e.exit_code, str(e)
-        except KeyboardInterrupt:
-            code, error = Interrupted.exit_code, "interrupted"
-        except Exception as e:  # the last line of defence: never show a traceback
-            code, error = 1, f"internal error: {type(e).__name__}: {e}"
-            if kw.get("verbose"):
-                sys.stderr.write(traceback.format_exc())
+    try:
+        target = parse_target(target_text)
+        reporter.target = target.label()
+        opts = _options(kw)
+        code = body(target, opts, reporter, stop)
+        if stop.is_set() and not stop_is_normal:
+            code, error = (
+                Interrupted.exit_code,
+                "interrupted; partial transfers are kept for resume",
+            )
+    except LeftsshError as e:
+        code, error = e.exit_code, str(e)
+    except KeyboardInterrupt:
+        code, error = Interrupted.exit_code, "interrupted"
+    except Exception as e:  # the last line of defence: never show a traceback
+        code, error = 1, f"internal error: {type(e).__name__}: {e}"
+        if kw.get("verbose"):
+            sys.stderr.write(traceback.format_exc())
+    reporter.end_progress()
     if error:
-        sys.stderr.write(f"leftssh: {display(error)}\n")
+        where = f"{reporter.target}: " if multi else ""
+        sys.stderr.write(f"leftssh: {where}{display(error)}\n")
     reporter.finish(code, error, dry_run=kw.get("dry_run", False))
+    return code
+
+
+def _progress_wanted(kw: dict[str, Any]) -> bool:
+    wanted = kw.get("progress")
+    if wanted is None:
+        return sys.stderr.isatty() and not kw.get("json_mode") and not kw.get("quiet")
+    return bool(wanted)
+
+
+def _run_command(
+    kw: dict[str, Any], target_text: str, body: Body, *, stop_is_normal: bool = False
+) -> None:
+    with _Signals() as signals:
+        code = _run_one(kw, target_text, body, signals.stop, stop_is_normal=stop_is_normal)
     sys.exit(code)
 
 
+def _run_many(kw: dict[str, Any], targets: tuple[str, ...], body: Body, parallel: int) -> None:
+    """Run ``body`` for several targets concurrently; exit with the highest code."""
+    if len(targets) == 1:
+        _run_command(kw, targets[0], body)
+    with _Signals() as signals:
+        with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+            futures = [
+                pool.submit(_run_one, kw, t, body, signals.stop, multi=True) for t in targets
+            ]
+            codes = [f.result() for f in futures]
+    sys.exit(max(codes, default=0))
+
+
 @main_group.command()
-@click.argument("target")
+@click.argument("targets", metavar="TARGET...", nargs=-1, required=True)
 @_apply(CONNECTION_OPTIONS + TRANSFER_OPTIONS + DELETE_OPTION)
-def push(target: str, **kw: Any) -> None:
-    """Copy the local share to TARGET (one-way, local -> remote)."""
-    _run_command(kw, target, functools.partial(_oneway, "push"))
+@_opt(
+    "--parallel",
+    env="PARALLEL",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Targets pushed concurrently.",
+)
+def push(targets: tuple[str, ...], parallel: int, **kw: Any) -> None:
+    """Copy the local share to each TARGET (one-way, local -> remote)."""
+    _run_many(kw, targets, functools.partial(_oneway, "push"), parallel)
 
 
 @main_group.command()

@@ -89,6 +89,7 @@ class Executor:
     emit: Callable[[Outcome], None]
     warn: Callable[[str], None]
     stop: threading.Event = field(default_factory=threading.Event)
+    on_bytes: Callable[[int, str], None] | None = None
     outcomes: list[Outcome] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -342,6 +343,8 @@ class Executor:
                 if self._limiter:
                     self._limiter.consume(len(block))
                 out.write(block)
+                if self.on_bytes is not None:
+                    self.on_bytes(len(block), a.path)
                 hasher.update(block)
                 sent += len(block)
                 c.sent += len(block)

@@ -13,6 +13,8 @@ from typing import TextIO
 from leftssh.model import Kind, Outcome, Status
 from leftssh.paths import display
 
+_OUTPUT_LOCK = threading.RLock()
+
 _COUNTED = {
     Kind.UPLOAD: "uploaded",
     Kind.DOWNLOAD: "downloaded",
@@ -90,7 +92,38 @@ class Reporter:
     outcomes: list[Outcome] = field(default_factory=list)
     extra_exit: int = 0
     extra_summary: dict = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    progress: bool = False
+    _lock: threading.RLock = field(default_factory=lambda: _OUTPUT_LOCK)
+    _bar: object = None
+
+    def start_progress(self, total_bytes: int, total_files: int) -> None:
+        """Show a progress bar on stderr for ``total_bytes`` to send (if enabled)."""
+        if not self.progress or self.json_mode or total_bytes <= 0:
+            return
+        import click
+
+        label = f"{display(self.target)}: {total_files} file(s)"
+        self._bar = click.progressbar(
+            length=total_bytes,
+            label=label,
+            file=self.err,
+            show_eta=True,
+            show_percent=True,
+            item_show_func=lambda item: display(item) if item else None,
+        )
+        self._bar.__enter__()  # type: ignore[attr-defined]
+
+    def advance(self, nbytes: int, path: str = "") -> None:
+        """Count ``nbytes`` sent for ``path`` on the progress bar."""
+        if self._bar is not None:
+            with self._lock:
+                self._bar.update(nbytes, path)  # type: ignore[attr-defined]
+
+    def end_progress(self) -> None:
+        if self._bar is not None:
+            with self._lock:
+                self._bar.__exit__(None, None, None)  # type: ignore[attr-defined]
+                self._bar = None
 
     def emit(self, o: Outcome) -> None:
         with self._lock:
@@ -102,10 +135,9 @@ class Reporter:
                 return
             if self.quiet and o.status is not Status.FAILED:
                 return
-            if o.status is Status.SKIPPED and not self.verbose and o.action.kind is Kind.SKIP:
-                if o.action.reason in ("symlink", "special file"):
-                    pass
-            prefix = f"{self.target}: " if self.multi else ""
+            prefix = f"{display(self.target)}: " if self.multi else ""
+            if self._bar is not None:
+                self.err.write("\r\033[K")
             self.err.write(prefix + outcome_text(o) + "\n")
             self.err.flush()
 

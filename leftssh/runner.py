@@ -142,13 +142,25 @@ def oneway(
             emit=reporter.emit,
             warn=reporter.warn,
             stop=stop,
+            on_bytes=reporter.advance,
         )
+        _start_progress(reporter, plan)
         executor.run(plan)
         return reporter.exit_code()
     finally:
         locks.release()
         local.close()
         remote.close()
+
+
+def _start_progress(reporter: Reporter, plan: Plan) -> None:
+    sizes = [a.source.size for a in plan.actions if a.is_transfer and a.source and not a.meta_only]
+    sizes += [
+        (a.local.size if a.local else 0) + (a.remote.size if a.remote else 0)
+        for a in plan.actions
+        if a.kind is Kind.CONFLICT and a.winner is not None
+    ]
+    reporter.start_progress(sum(sizes), len(sizes))
 
 
 def _fill_hashes(
@@ -310,7 +322,9 @@ def sync(
             emit=reporter.emit,
             warn=reporter.warn,
             stop=stop,
+            on_bytes=reporter.advance,
         )
+        _start_progress(reporter, plan)
         try:
             executor.run(plan)
         finally:

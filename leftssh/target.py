@@ -166,6 +166,7 @@ class SshSettings:
     connect_timeout: float = 30.0
     keepalive: int = 0
     compression: bool = False
+    jump: SshSettings | None = None
 
     def known_hosts_name(self) -> str:
         """The name the host key is recorded under (``[host]:port`` off port 22)."""
@@ -186,9 +187,14 @@ def resolve_ssh(
     accept_new: bool = False,
     timeout: float = 30.0,
     compress: bool = False,
+    _depth: int = 0,
+    _hops: list[str] | None = None,
 ) -> SshSettings:
     """Combine TARGET, command-line options and the SSH config (options win, as in ssh)."""
     import paramiko
+
+    if _depth > 4:
+        raise UsageError("ProxyJump chain too long (loop in the SSH config?)")
 
     config_path = Path(os.path.expanduser(ssh_config or "~/.ssh/config"))
     conf: dict = {}
@@ -235,9 +241,28 @@ def resolve_ssh(
             keepalive = int(conf["serveraliveinterval"])
         except ValueError as e:
             raise UsageError(f"invalid ServerAliveInterval in {config_path}") from e
-    proxy = conf.get("proxyjump")
-    if proxy and proxy.strip().lower() == "none":
-        proxy = None
+    if _hops is not None:
+        hops = _hops
+    else:
+        proxy = (conf.get("proxyjump") or "").strip()
+        hops = [] if proxy.lower() in ("", "none") else [h.strip() for h in proxy.split(",")]
+    jump = None
+    if hops:
+        last = hops[-1]
+        try:
+            hop_target = parse_target(last if last.startswith("ssh://") else f"ssh://{last}")
+        except UsageError as e:
+            raise UsageError(f"invalid ProxyJump host {last!r}") from e
+        jump = resolve_ssh(
+            hop_target,
+            ssh_config=ssh_config,
+            known_hosts=known_hosts,
+            accept_new=accept_new,
+            timeout=timeout,
+            compress=compress,
+            _depth=_depth + 1,
+            _hops=hops[:-1] if len(hops) > 1 else None,
+        )
     return SshSettings(
         alias=target.host,
         hostname=hostname,
@@ -252,4 +277,5 @@ def resolve_ssh(
         connect_timeout=connect_timeout,
         keepalive=keepalive,
         compression=compress or _yes(conf.get("compression")),
+        jump=jump,
     )

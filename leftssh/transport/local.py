@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,8 @@ from leftssh.transport.base import CHUNK, matches
 
 CACHE_FILE = "md5-cache.json"
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_HELD: dict[str, int] = {}
+_HELD_LOCK = threading.Lock()
 _IGNORE_MAX = 1 << 20
 
 
@@ -332,8 +335,20 @@ class LocalTransport:
     # -- locking -----------------------------------------------------------
 
     def acquire_lock(self, command: str) -> None:
-        """Take this share's run lock or raise LockError naming the holder."""
+        """Take this share's run lock or raise LockError naming the holder.
+
+        Several targets of one run (``push A B C``) share the local lock.
+        """
         path = os.path.join(self.root, lock.LOCK_NAME)
+        with _HELD_LOCK:
+            if _HELD.get(path):
+                _HELD[path] += 1
+                self._lock_path = path
+                return
+            self._take_lock(path, command)
+            _HELD[path] = 1
+
+    def _take_lock(self, path: str, command: str) -> None:
         for _ in range(3):
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
@@ -364,12 +379,17 @@ class LocalTransport:
             os.utime(self._lock_path)
 
     def release_lock(self) -> None:
-        if self._lock_path:
-            try:
-                os.unlink(self._lock_path)
-            except OSError:
-                pass
-            self._lock_path = None
+        if not self._lock_path:
+            return
+        with _HELD_LOCK:
+            _HELD[self._lock_path] = _HELD.get(self._lock_path, 1) - 1
+            if _HELD[self._lock_path] <= 0:
+                del _HELD[self._lock_path]
+                try:
+                    os.unlink(self._lock_path)
+                except OSError:
+                    pass
+        self._lock_path = None
 
     def close(self) -> None:
         self.release_lock()

@@ -192,10 +192,34 @@ def _authenticate(t: paramiko.Transport, settings: SshSettings) -> None:
     )
 
 
+def _jump_socket(settings: SshSettings) -> tuple[paramiko.Channel, paramiko.Transport]:
+    """Open a ``direct-tcpip`` channel to the target through its ProxyJump host."""
+    assert settings.jump is not None
+    hop = connect(settings.jump)
+    try:
+        chan = hop.open_channel(
+            "direct-tcpip",
+            (settings.hostname, settings.port),
+            ("127.0.0.1", 0),
+            timeout=settings.connect_timeout,
+        )
+    except (paramiko.SSHException, EOFError, OSError) as e:
+        hop.close()
+        raise ConnectError(
+            f"jump host {settings.jump.hostname} cannot reach "
+            f"{settings.hostname}:{settings.port}: {e}"
+        ) from e
+    return chan, hop
+
+
 def connect(settings: SshSettings) -> paramiko.Transport:
     """Open an authenticated SSH connection, checking the host key first."""
     known = _load_known_hosts(settings.known_hosts)
-    sock = _open_socket(settings)
+    hop: paramiko.Transport | None = None
+    if settings.jump is not None:
+        sock, hop = _jump_socket(settings)
+    else:
+        sock = _open_socket(settings)
     try:
         t = paramiko.Transport(
             sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET
@@ -219,6 +243,8 @@ def connect(settings: SshSettings) -> paramiko.Transport:
         t.start_client(timeout=settings.connect_timeout)
     except (paramiko.SSHException, EOFError, OSError) as e:
         t.close()
+        if hop is not None:
+            hop.close()
         raise ConnectError(
             f"SSH handshake with {settings.hostname}:{settings.port} failed: {e}"
         ) from e
@@ -227,9 +253,12 @@ def connect(settings: SshSettings) -> paramiko.Transport:
         _authenticate(t, settings)
     except BaseException:
         t.close()
+        if hop is not None:
+            hop.close()
         raise
     if settings.keepalive:
         t.set_keepalive(settings.keepalive)
+    t._leftssh_hop = hop  # type: ignore[attr-defined]  # kept alive with the connection
     return t
 
 
@@ -696,3 +725,6 @@ class SFTPTransport:
             except Exception:
                 pass
         self._t.close()
+        hop = getattr(self._t, "_leftssh_hop", None)
+        if hop is not None:
+            hop.close()
