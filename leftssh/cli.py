@@ -19,7 +19,7 @@ from leftssh import __version__
 from leftssh.errors import Interrupted, LeftsshError, UsageError
 from leftssh.paths import display
 from leftssh.report import Reporter
-from leftssh.runner import RunOptions, oneway, sync, verify
+from leftssh.runner import RunOptions, oneway, sync, verify, watch
 from leftssh.safety import DEFAULT_MAX_DELETE, parse_max_delete
 from leftssh.target import Target, parse_target
 
@@ -322,6 +322,42 @@ def status(target: str, **kw: Any) -> None:
 def verify_command(target: str, **kw: Any) -> None:
     """MD5 every file present on both sides and report those that differ (exit 1)."""
     _run_command(kw, target, verify)
+
+
+@main_group.command(name="watch")
+@click.argument("target")
+@_apply(CONNECTION_OPTIONS + TRANSFER_OPTIONS + CONFLICT_OPTION)
+@_opt(
+    "--interval",
+    env="INTERVAL",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds between local change scans.",
+)
+@_opt(
+    "--remote-interval",
+    env="REMOTE_INTERVAL",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds between remote listings.",
+)
+def watch_command(target: str, interval: float, remote_interval: float, **kw: Any) -> None:
+    """Sync with TARGET, then keep syncing as either side changes (stop: Ctrl-C)."""
+    body = functools.partial(_watch, interval, remote_interval)
+    _run_command(kw, target, body, stop_is_normal=True)
+
+
+def _watch(
+    interval: float,
+    remote_interval: float,
+    target: Target,
+    opts: RunOptions,
+    reporter: Reporter,
+    stop: threading.Event,
+) -> int:
+    return watch(target, opts, reporter, stop, interval=interval, remote_interval=remote_interval)
 
 
 def _oneway(direction: str, target: Target, opts: RunOptions, reporter: Reporter, stop) -> int:

@@ -57,6 +57,10 @@ class Interrupted(LeftsshError):
 
     exit_code = 8
 
+    def __init__(self, message: str, cut: bool = True) -> None:
+        super().__init__(message)
+        self.cut = cut
+
 
 class TransferError(Exception):
     """A per-file failure: reported as a Problem, the run goes on (exit 1)."""

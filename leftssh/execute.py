@@ -94,6 +94,7 @@ class Executor:
 
     def __post_init__(self) -> None:
         self._emit_lock = threading.Lock()
+        self.cut = False
         self._verify_mode: str | None = None
         self._limiter = RateLimiter(self.options.bwlimit) if self.options.bwlimit else None
 
@@ -109,7 +110,7 @@ class Executor:
 
     def _check_stop(self) -> None:
         if self.stop.is_set():
-            raise Interrupted("interrupted; partial transfers are kept for resume")
+            raise Interrupted("interrupted; partial transfers are kept for resume", cut=self.cut)
 
     def verify_mode(self) -> str:
         """Decide once how transfers are verified: 'md5' or 'size'."""
@@ -318,6 +319,7 @@ class Executor:
             c.error = _message(e)
         except Interrupted:
             c.error = "interrupted"
+            self.cut = True
 
     def _copy(self, c: _Copy, resume: bool, mode: str) -> None:
         a = c.action

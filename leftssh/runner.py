@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from leftssh.errors import SafetyError, UsageError
+from leftssh.errors import ConnectError, Interrupted, LockError, SafetyError, UsageError
 from leftssh.execute import ExecOptions, Executor, VerifyUnavailable
 from leftssh.ignore import IgnoreRules
 from leftssh.lock import Heartbeat
@@ -253,14 +254,20 @@ def sync(
     opts: RunOptions,
     reporter: Reporter,
     stop: threading.Event,
+    remote: Transport | None = None,
 ) -> int:
-    """Run ``sync`` (mode 'sync') or ``status`` (mode 'status'); return the exit code."""
+    """Run ``sync`` (mode 'sync') or ``status`` (mode 'status'); return the exit code.
+
+    A ``remote`` transport passed in (by ``watch``) is used and left open.
+    """
     local_dir = opts.local_dir
     ignore = IgnoreRules.from_project(local_dir)
     if local_dir.exists() and not local_dir.is_dir():
         raise UsageError(f"local share {local_dir} is not a directory")
     read_only = mode == "status" or opts.dry_run
-    remote = open_remote(target, opts)
+    owned = remote is None
+    if remote is None:
+        remote = open_remote(target, opts)
     local = LocalTransport(local_dir)
     locks = _Locks(mode, reporter)
     try:
@@ -333,7 +340,8 @@ def sync(
     finally:
         locks.release()
         local.close()
-        remote.close()
+        if owned:
+            remote.close()
 
 
 def _base_after(
@@ -411,3 +419,89 @@ def verify(target: Target, opts: RunOptions, reporter: Reporter, stop: threading
     finally:
         local.close()
         remote.close()
+
+
+def _fingerprint(manifest: Manifest) -> int:
+    return hash(
+        (
+            manifest.exists,
+            frozenset((e.path, e.kind, e.size, e.mtime, e.mode) for e in manifest.entries.values()),
+        )
+    )
+
+
+def watch(
+    target: Target,
+    opts: RunOptions,
+    reporter: Reporter,
+    stop: threading.Event,
+    *,
+    interval: float = 2.0,
+    remote_interval: float = 10.0,
+    max_backoff: float = 60.0,
+) -> int:
+    """Sync, then keep syncing whenever either side changes, until SIGINT/SIGTERM.
+
+    The local tree is polled with a stat scan every ``interval`` seconds, the
+    remote one listed every ``remote_interval`` seconds. When the peer goes
+    away this is reported once and the connection retried with exponential
+    backoff. Returns 0 on a clean stop, 8 if the stop cut a transfer.
+    """
+    ignore = IgnoreRules.from_project(opts.local_dir)
+    local = LocalTransport(opts.local_dir)
+    remote: Transport | None = None
+    backoff = 1.0
+    down = False
+    last: tuple[int, int] | None = None
+    next_remote = 0.0
+    remote_fp = 0
+    worst = 0
+    try:
+        while not stop.is_set():
+            try:
+                if remote is None:
+                    remote = open_remote(target, opts)
+                    if down:
+                        reporter.warn(f"{remote.label} is reachable again")
+                    down, backoff, last = False, 1.0, None
+                local_fp = _fingerprint(local.scan(ignore))
+                now = time.monotonic()
+                if last is None or now >= next_remote:
+                    remote_fp = _fingerprint(remote.scan(ignore))
+                    next_remote = now + remote_interval
+                if last != (local_fp, remote_fp):
+                    code = sync("sync", target, opts, reporter, stop, remote=remote)
+                    worst = max(worst, code)
+                    reporter.info("in sync; watching for changes")
+                    last = (_fingerprint(local.scan(ignore)), _fingerprint(remote.scan(ignore)))
+                    remote_fp = last[1]
+                    next_remote = time.monotonic() + remote_interval
+            except ConnectError as e:
+                if not down:
+                    reporter.warn(f"peer unreachable ({e}); retrying with backoff")
+                    down = True
+                if remote is not None:
+                    _close_quietly(remote)
+                    remote = None
+                stop.wait(backoff)
+                backoff = min(backoff * 2, max_backoff)
+                continue
+            except LockError as e:
+                reporter.warn(f"{e}; retrying")
+                stop.wait(interval)
+                continue
+            except Interrupted as e:
+                return Interrupted.exit_code if e.cut else 0
+            stop.wait(interval)
+        return 0
+    finally:
+        local.close()
+        if remote is not None:
+            _close_quietly(remote)
+
+
+def _close_quietly(t: Transport) -> None:
+    try:
+        t.close()
+    except Exception:
+        pass
