@@ -95,6 +95,7 @@ class Executor:
     def __post_init__(self) -> None:
         self._emit_lock = threading.Lock()
         self.cut = False
+        self._pool: ThreadPoolExecutor | None = None
         self._verify_mode: str | None = None
         self._limiter = RateLimiter(self.options.bwlimit) if self.options.bwlimit else None
 
@@ -141,6 +142,14 @@ class Executor:
                 status = Status.SKIPPED if a.kind is Kind.SKIP else Status.PLANNED
                 self._record(Outcome(a, status, reason=a.reason))
             return self.outcomes
+        try:
+            return self._run(plan)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+    def _run(self, plan: Plan) -> list[Outcome]:
         if any(a.is_transfer and not a.meta_only for a in plan.actions):
             self.verify_mode()
         pending: list[Action] = []
@@ -256,14 +265,15 @@ class Executor:
             done = self._copy_all(todo, copies, resume=attempt == 1, mode=mode)
             self._check_stop()
             verified = self._verify(done, copies, mode)
+            self._map(
+                lambda a: self._finish(copies[a.path], mode, sink),
+                [a for a in done if not copies[a.path].error and a.path in verified],
+            )
             retry: list[Action] = []
             for a in done:
                 c = copies[a.path]
                 attempts[a.path] = attempt
-                if c.error:
-                    continue
-                if a.path in verified:
-                    self._finish(c, mode, sink)
+                if c.error or a.path in verified:
                     continue
                 src, dst, _ = self._endpoints(a)
                 _quiet(dst.remove_partial, c.partial)
@@ -291,19 +301,22 @@ class Executor:
                     sink,
                 )
 
+    def _map(self, fn: Callable[[Action], object], actions: list[Action]) -> None:
+        """Run ``fn`` over ``actions`` on up to ``jobs`` threads; re-raise run-stopping errors."""
+        jobs = max(1, self.options.jobs)
+        if jobs == 1 or len(actions) <= 1:
+            for a in actions:
+                fn(a)
+            return
+        if self._pool is None:
+            # One pool for the whole run: each worker thread keeps its own SFTP channel.
+            self._pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="transfer")
+        _wait_all([self._pool.submit(fn, a) for a in actions], self.stop)
+
     def _copy_all(
         self, actions: list[Action], copies: dict[str, _Copy], *, resume: bool, mode: str
     ) -> list[Action]:
-        jobs = max(1, self.options.jobs)
-        if jobs == 1 or len(actions) == 1:
-            for a in actions:
-                self._copy_guarded(copies[a.path], resume, mode)
-            return actions
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [
-                pool.submit(self._copy_guarded, copies[a.path], resume, mode) for a in actions
-            ]
-            _wait_all(futures, self.stop)
+        self._map(lambda a: self._copy_guarded(copies[a.path], resume, mode), actions)
         return actions
 
     def _copy_guarded(self, c: _Copy, resume: bool, mode: str) -> None:

@@ -403,7 +403,7 @@ def test_emptied_local_root_stops_with_6_then_force_propagates(pair: Pair) -> No
     assert pair.snapshot() == before
     pair.run("status", code=6)
     r = pair.sync("--force")
-    assert r.summary()["deleted_remote"] == 3
+    assert r.summary()["deleted_remote"] == 4  # three files and the folder
     assert tree(pair.local) == {} and tree(pair.remote) == {}
 
 
@@ -416,7 +416,7 @@ def test_missing_remote_root_stops_with_6_then_force_propagates(pair: Pair) -> N
     assert pair.snapshot() == before
     assert not pair.remote.exists()
     r = pair.sync("--force")
-    assert r.summary()["deleted_local"] == 2
+    assert r.summary()["deleted_local"] == 3  # two files and the folder
     assert tree(pair.local) == {}
     assert not pair.remote.exists() or tree(pair.remote) == {}
 

@@ -276,11 +276,17 @@ class _Writer:
         self._f = f
 
     def write(self, data: bytes) -> int:
-        self._f.write(data)
+        try:
+            self._f.write(data)
+        except Exception as e:
+            raise _io_error(e, "write") from e
         return len(data)
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except Exception as e:
+            raise _io_error(e, "close") from e
 
     def __enter__(self) -> _Writer:
         return self
@@ -299,6 +305,7 @@ class SFTPTransport:
         self._t = connect(settings)
         self._local = threading.local()
         self._clients: list[paramiko.SFTPClient] = []
+        self._owners: dict[int, threading.Thread] = {}
         self._lock = threading.Lock()
         self._tool: remote_shell.HashTool | None = None
         self._probed = False
@@ -315,6 +322,10 @@ class SFTPTransport:
         """Return this thread's SFTP channel (one per thread, opened on first use)."""
         sftp = getattr(self._local, "sftp", None)
         if sftp is None:
+            sftp = self._adopt()
+            if sftp is not None:
+                self._local.sftp = sftp
+                return sftp
             try:
                 sftp = paramiko.SFTPClient.from_transport(
                     self._t, window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET
@@ -327,7 +338,18 @@ class SFTPTransport:
             self._local.sftp = sftp
             with self._lock:
                 self._clients.append(sftp)
+                self._owners[id(sftp)] = threading.current_thread()
         return sftp
+
+    def _adopt(self) -> paramiko.SFTPClient | None:
+        """Hand a channel whose thread has ended to the current thread (no channel leak)."""
+        with self._lock:
+            for sftp in self._clients:
+                owner = self._owners.get(id(sftp))
+                if owner is not None and not owner.is_alive():
+                    self._owners[id(sftp)] = threading.current_thread()
+                    return sftp
+        return None
 
     def full(self, path: str) -> str:
         if not path:
