@@ -59,7 +59,9 @@ class Manifest:
         return {p: e for p, e in self.entries.items() if not e.is_dir}
 
     def under_unreadable(self, path: str) -> bool:
-        """Tell whether ``path`` lies in a directory whose listing failed."""
+        """Tell whether ``path`` lies in a directory whose listing failed (or is skipped)."""
+        if "" in self.unreadable:
+            return True
         return any(path == d or path.startswith(d + "/") for d in self.unreadable)
 
     def file_count(self) -> int:

@@ -169,14 +169,29 @@ def plan_sync(
     deletes: list[Action] = []
     skips: list[Action] = []
     skipped: list[Skipped] = list(local.skipped) + list(remote.skipped)
+    dirty = {side: _dirs_with_changes(base, entries[side], side, checksum) for side in (L, R)}
+    held: set[str] = set()
 
+    skipped_paths = {s.path for s in skipped}
     paths = sorted(set(local.entries) | set(remote.entries) | set(base))
     for path in paths:
         le, re, b = local.entries.get(path), remote.entries.get(path), base.get(path)
         if local.under_unreadable(path) or remote.under_unreadable(path):
             continue
+        if _under(path, skipped_paths):
+            # A symlink or special file on one side: never copied, and never
+            # a reason to delete or overwrite what the other side has there.
+            continue
+        if any(path.startswith(h + "/") for h in held):
+            continue
         cl = change_of(le, b, L, checksum)
         cr = change_of(re, b, R, checksum)
+        if le is not None and re is not None and le.is_dir != re.is_dir:
+            holder = L if le.is_dir else R
+            if path in dirty[holder] and not (cl if holder is L else cr).changed:
+                # A file replaced this directory on one side while the other side changed
+                # something inside it: replacing the directory would lose that change.
+                cl = cr = CONTENT
         if not cl.changed and not cr.changed:
             continue
         if cl.changed and not cr.changed:
@@ -202,13 +217,14 @@ def plan_sync(
             _propagate(path, src, dst, side, mkdirs, transfers, deletes, meta=False)
             continue
         if not le.is_dir and not re.is_dir and same_content(le, re, checksum):
-            if (le.mtime, le.mode) != (re.mtime, re.mode) and cl is META and cr is not META:
-                _propagate(path, le, re, L, mkdirs, transfers, deletes, meta=True)
-            elif (le.mtime, le.mode) != (re.mtime, re.mode) and cr is META and cl is not META:
-                _propagate(path, re, le, R, mkdirs, transfers, deletes, meta=True)
+            if (le.mtime, le.mode) != (re.mtime, re.mode):
+                # Same bytes, different attributes: not a conflict; one side's attributes win.
+                side = _winner(policy, le, re) or _winner("newer", le, re)
+                src, dst = (le, re) if side is L else (re, le)
+                _propagate(path, src, dst, side, mkdirs, transfers, deletes, meta=True)
             continue
         winner = _winner(policy, le, re)
-        if le.is_dir or re.is_dir:
+        if (le.is_dir or re.is_dir) and winner is not None:
             # A file and a directory: the directory keeps the name, the file is kept aside.
             winner = L if le.is_dir else R
         if winner is None:
@@ -217,6 +233,7 @@ def plan_sync(
                     Kind.CONFLICT, path, local=le, remote=re, reason="conflict (--conflict skip)"
                 )
             )
+            held.add(path)
             continue
         loser = winner.other
         keep = conflict_name(path, loser, when, taken)
@@ -230,6 +247,31 @@ def plan_sync(
     deletes.sort(key=lambda a: (-depth(a.path), a.path))
     skips.extend(Action(Kind.SKIP, s.path, reason=s.reason) for s in skipped)
     return Plan(actions=pre + conflicts + mkdirs + transfers + deletes + skips, skipped=skipped)
+
+
+def _dirs_with_changes(
+    base: Base, entries: dict[str, Entry], side: Side, checksum: bool
+) -> set[str]:
+    """Directories on ``side`` that hold something changed since the base."""
+    out: set[str] = set()
+    for path, e in entries.items():
+        if change_of(e, base.get(path), side, checksum).changed:
+            parent = parent_of(path)
+            while parent and parent not in out:
+                out.add(parent)
+                parent = parent_of(parent)
+    return out
+
+
+def _under(path: str, roots: set[str]) -> bool:
+    """Tell whether ``path`` is one of ``roots`` or lies below one of them."""
+    if not roots:
+        return False
+    while path:
+        if path in roots:
+            return True
+        path = parent_of(path)
+    return False
 
 
 def _winner(policy: str, le: Entry, re: Entry) -> Side | None:
@@ -285,12 +327,15 @@ def _ensure_parents(
     mkdirs: list[Action],
     deletes: list[Action],
 ) -> None:
-    """Every path created on a side gets its parent directories there, and keeps them."""
+    """Every created path gets its parent directories, and keeps them, on both sides.
+
+    A created path exists on both sides afterwards, so a planned deletion of one of its
+    parent directories on either side is dropped (deletions of files in the way stay).
+    """
     planned = {(a.target_side, a.path) for a in mkdirs}
     keep: set[tuple[Side | None, str]] = set()
     for a in list(creating):
-        sides = [a.target_side] if a.target_side else [Side.LOCAL, Side.REMOTE]
-        for side in sides:
+        for side in (Side.LOCAL, Side.REMOTE):
             parent = parent_of(a.path)
             while parent:
                 if (side, parent) in keep:
@@ -304,7 +349,11 @@ def _ensure_parents(
                     planned.add((side, parent))
                 parent = parent_of(parent)
     if keep:
-        deletes[:] = [d for d in deletes if (d.target_side, d.path) not in keep]
+        deletes[:] = [
+            d
+            for d in deletes
+            if (d.target_side, d.path) not in keep or (d.expected and not d.expected.is_dir)
+        ]
 
 
 def _type_change_deletes(
@@ -396,7 +445,8 @@ def next_base(
         if le.is_dir:
             new[path] = BaseEntry(DIR)
             continue
-        md5 = le.md5 or re.md5
+        hashes = {h for h in (le.md5, re.md5) if h}
+        md5 = hashes.pop() if len(hashes) == 1 else None  # never one side's hash for both
         if md5 is None and path in old and old[path].md5:
             prev = old[path]
             if prev.local == snapshot(le) and prev.remote == snapshot(re):
