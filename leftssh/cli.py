@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from leftssh import __version__
-from leftssh.errors import Interrupted, LeftsshError, UsageError
+from leftssh.errors import Interrupted, LeftsshError, TransferError, UsageError
 from leftssh.paths import display
 from leftssh.report import Reporter
 from leftssh.runner import RunOptions, oneway, sync, verify, watch
@@ -234,6 +234,8 @@ def _run_one(
             )
     except LeftsshError as e:
         code, error = e.exit_code, str(e)
+    except TransferError as e:  # a per-file kind of failure that stopped the whole run
+        code, error = 1, str(e)
     except KeyboardInterrupt:
         code, error = Interrupted.exit_code, "interrupted"
     except Exception as e:  # the last line of defence: never show a traceback

@@ -150,8 +150,8 @@ class Executor:
                 self._pool = None
 
     def _run(self, plan: Plan) -> list[Outcome]:
-        if any(a.is_transfer and not a.meta_only for a in plan.actions):
-            self.verify_mode()
+        if any(_copies_content(a) for a in plan.actions):
+            self.verify_mode()  # may refuse (--verify md5) before anything changed
         pending: list[Action] = []
         for a in plan.actions:
             self._check_stop()
@@ -352,7 +352,7 @@ class Executor:
         out = dst.open_write(c.partial, offset)
         sent = 0
         try:
-            for block in src.read_chunks(a.path, offset):
+            for block in src.read_chunks(a.path, offset, source.size):
                 if self.stop.is_set():
                     raise Interrupted("interrupted")
                 if self._limiter:
@@ -482,6 +482,13 @@ def _prefix_hash(t: Transport, path: str, length: int) -> hashlib._Hash:
     if remaining:
         raise TransferError("partial file shrank while resuming")
     return h
+
+
+def _copies_content(a: Action) -> bool:
+    """Tell whether running ``a`` sends file content (a transfer, or resolving a conflict)."""
+    if a.kind is Kind.CONFLICT:
+        return a.winner is not None
+    return a.is_transfer and not a.meta_only
 
 
 def _moved(e: Entry, path: str) -> Entry:

@@ -23,6 +23,8 @@ _COUNTED = {
     Kind.CONFLICT: "conflicts",
 }
 
+_VERIFIED = ("md5", "size", "none")
+
 
 def _json_path(path: str) -> str:
     """Paths are str; undecodable bytes (surrogates) are shown escaped, never crash."""
@@ -39,8 +41,14 @@ def outcome_record(o: Outcome, target: str | None = None) -> dict:
         rec["bytes"] = o.bytes
         rec["resumed_from"] = o.resumed_from
         rec["verified"] = o.verified
-    if a.kind is Kind.CONFLICT and a.keep:
-        rec["kept"] = _json_path(a.keep)
+    if a.kind is Kind.CONFLICT:
+        if a.keep:
+            rec["kept"] = _json_path(a.keep)
+        if o.status in (Status.OK, Status.FAILED):
+            # Resolving a conflict copies files: count them like transfers.
+            rec["bytes"] = o.bytes
+        if o.status is Status.OK and o.verified in _VERIFIED:
+            rec["verified"] = o.verified
     rec["status"] = o.status.value
     if o.status is Status.FAILED:
         rec["error"] = o.error or "failed"

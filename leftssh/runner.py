@@ -293,13 +293,20 @@ def sync(
                 base, manifests, {Side.LOCAL: local.label, Side.REMOTE: remote.label}
             )
         needed = needs_hash_sync(base or {}, local_m, remote_m, opts.checksum)
+        verify_mode = opts.verify
         if needed:
             try:
                 _fill_hashes(needed, local, remote, local_m, remote_m)
-            except UsageError as e:
+            except UsageError:
                 if opts.checksum:
                     raise
-                reporter.warn(f"{e}; files changed on both sides are treated as conflicts")
+                # One warning for the one cause; transfers then need no second one.
+                reporter.warn(
+                    f"MD5 is not available on {remote.label} (no md5sum through exec): "
+                    "files changed on both sides are treated as conflicts"
+                    + (", transfers are verified by size only" if verify_mode == "auto" else "")
+                )
+                verify_mode = "size" if verify_mode == "auto" else verify_mode
         plan = plan_sync(base or {}, local_m, remote_m, opts.conflict, checksum=opts.checksum)
         if not opts.force:
             check_max_delete(plan, manifests, opts.max_delete)
@@ -325,7 +332,7 @@ def sync(
             local=local,
             remote=remote,
             manifests=manifests,
-            options=ExecOptions(verify=opts.verify, jobs=opts.jobs, bwlimit=opts.bwlimit),
+            options=ExecOptions(verify=verify_mode, jobs=opts.jobs, bwlimit=opts.bwlimit),
             emit=reporter.emit,
             warn=reporter.warn,
             stop=stop,
@@ -473,9 +480,11 @@ def watch(
                     code = sync("sync", target, opts, reporter, stop, remote=remote)
                     worst = max(worst, code)
                     reporter.info("in sync; watching for changes")
-                    last = (_fingerprint(local.scan(ignore)), _fingerprint(remote.scan(ignore)))
-                    remote_fp = last[1]
-                    next_remote = time.monotonic() + remote_interval
+                    # Remember the state seen *before* this sync: whatever the sync changed,
+                    # or anyone changed while it ran, differs from it and is synced next
+                    # round (a no-op sync when nothing new happened). Fingerprints taken
+                    # after the sync would hide changes made while it ran.
+                    last = (local_fp, remote_fp)
             except ConnectError as e:
                 if not down:
                     reporter.warn(f"peer unreachable ({e}); retrying with backoff")

@@ -42,7 +42,13 @@ class Transport(Protocol):
 
     def open_write(self, path: str, offset: int) -> BinaryIO: ...
 
-    def read_chunks(self, path: str, offset: int) -> Iterator[bytes]: ...
+    def read_chunks(self, path: str, offset: int, size: int | None = None) -> Iterator[bytes]:
+        """Yield the file's bytes from ``offset``.
+
+        With ``size`` (what the scan saw), stop one byte past it: a source that grew, or a
+        peer whose fstat lies, is caught without reading on.
+        """
+        ...
 
     def set_attrs(self, path: str, mtime: int, mode: int) -> None: ...
 

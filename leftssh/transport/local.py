@@ -10,6 +10,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -17,21 +18,31 @@ from leftssh import lock
 from leftssh.errors import ChangedError, LockError, TransferError, UsageError
 from leftssh.ignore import IGNORE_FILE, IgnoreRules
 from leftssh.model import DIR, FILE, Entry, Manifest, Skipped
-from leftssh.paths import PARTIAL_SUFFIX, STATE_DIR, UnsafePath, check_name, is_internal, join
+from leftssh.paths import (
+    PARTIAL_SUFFIX,
+    STATE_DIR,
+    UnsafePath,
+    check_name,
+    display,
+    is_internal,
+    join,
+)
 from leftssh.transport.base import CHUNK, matches
 
 CACHE_FILE = "md5-cache.json"
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+_PROC_FD = "/proc/self/fd"
 _HELD: dict[str, int] = {}
 _HELD_LOCK = threading.Lock()
 _IGNORE_MAX = 1 << 20
 
 
-def md5_file(path: str | Path, limit: int | None = None) -> str:
-    """Return the MD5 of a local file (of its first ``limit`` bytes if given)."""
+def md5_file(path: str | Path | int, limit: int | None = None) -> str:
+    """Return the MD5 of a local file or open fd (of its first ``limit`` bytes if given)."""
     h = hashlib.md5()
     remaining = limit
-    with open(path, "rb", buffering=0) as f:
+    with open(path, "rb", buffering=0, closefd=not isinstance(path, int)) as f:
         while remaining is None or remaining > 0:
             n = CHUNK if remaining is None else min(CHUNK, remaining)
             block = f.read(n)
@@ -45,6 +56,14 @@ def md5_file(path: str | Path, limit: int | None = None) -> str:
 
 def _describe(e: OSError) -> str:
     return e.strerror or str(e)
+
+
+def _lexists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class LocalTransport:
@@ -63,17 +82,78 @@ class LocalTransport:
     # -- paths -------------------------------------------------------------
 
     def full(self, path: str) -> str:
-        """Return the absolute path of ``path``, refusing anything that escapes the root."""
+        """Return the absolute path of ``path`` (names checked; symlinks are not resolved)."""
         if path:
             for part in path.split("/"):
                 check_name(part)
-        full = os.path.join(self.root, path) if path else str(self.root)
-        parent = os.path.dirname(full) if path else full
+        return os.path.join(self.root, path) if path else str(self.root)
+
+    def _open_dir(self, rel_dir: str) -> int:
+        """Open a directory of the share, proven to lie inside the root; return its fd.
+
+        Every read and write then works relative to this fd with O_NOFOLLOW on the last
+        name, so a directory swapped for a symlink after the check cannot redirect it:
+        the check is on what was opened, not on a path that may change afterwards.
+        """
+        fd = os.open(self.full(rel_dir), _DIRECTORY)
+        if not rel_dir:
+            return fd
+        try:
+            where = os.readlink(f"{_PROC_FD}/{fd}")
+        except OSError:
+            os.close(fd)
+            return self._walk_dir(rel_dir)
         real_root = os.path.realpath(self.root)
-        real_parent = os.path.realpath(parent)
-        if real_parent != real_root and not real_parent.startswith(real_root + os.sep):
-            raise UnsafePath(f"{path}: a parent directory leads outside the share")
-        return full
+        if not where.startswith(real_root.rstrip(os.sep) + os.sep):
+            os.close(fd)
+            raise UnsafePath(f"{display(rel_dir)}: a parent directory leads outside the share")
+        return fd
+
+    def _walk_dir(self, rel_dir: str) -> int:
+        """Open ``rel_dir`` one name at a time from the root, refusing symlinks (no /proc)."""
+        fd = os.open(self.root, _DIRECTORY)
+        try:
+            for part in rel_dir.split("/"):
+                child = os.open(part, _DIRECTORY | _NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @contextmanager
+    def _parent(self, path: str) -> Iterator[tuple[int, str]]:
+        """Yield (fd of the directory holding ``path``, its last name)."""
+        for part in path.split("/"):
+            check_name(part)
+        rel_dir, _, name = path.rpartition("/")
+        try:
+            fd = self._open_dir(rel_dir)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafePath(f"{display(path)}: a parent directory is a symlink") from e
+            raise
+        try:
+            yield fd, name
+        finally:
+            os.close(fd)
+
+    def _open(self, path: str, flags: int, mode: int = 0o600) -> int:
+        """Open a regular file of the share, following no symlink below the root.
+
+        O_NONBLOCK keeps a file swapped for a FIFO after the scan from blocking the open.
+        """
+        flags |= _NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        with self._parent(path) as (dir_fd, name):
+            fd = os.open(name, flags, mode, dir_fd=dir_fd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     # -- reading -----------------------------------------------------------
 
@@ -96,26 +176,35 @@ class LocalTransport:
         stack = [""]
         while stack:
             rel_dir = stack.pop()
-            directory = os.path.join(self.root, rel_dir) if rel_dir else str(self.root)
             try:
-                with os.scandir(directory) as it:
+                fd = self._open_dir(rel_dir)
+            except (OSError, UnsafePath) as e:
+                why = _describe(e) if isinstance(e, OSError) else str(e)
+                manifest.unreadable.add(rel_dir)
+                manifest.skipped.append(Skipped(rel_dir or ".", f"unreadable: {why}"))
+                continue
+            try:
+                # DirEntry.stat() works relative to ``fd``, which stays open meanwhile.
+                with os.scandir(fd) as it:
                     children = sorted(it, key=lambda d: d.name)
+                for child in children:
+                    if child.name == IGNORE_FILE and child.is_file(follow_symlinks=False):
+                        data = self._read_ignore(fd, child.name, join(rel_dir, child.name))
+                        manifest.ignore_files[rel_dir] = data
+                        rules.add_nested(rel_dir, data)
+                for child in children:
+                    self._scan_one(child, rel_dir, rules, manifest, stack)
             except OSError as e:
                 manifest.unreadable.add(rel_dir)
                 manifest.skipped.append(Skipped(rel_dir or ".", f"unreadable: {_describe(e)}"))
-                continue
-            for child in children:
-                if child.name == IGNORE_FILE and child.is_file(follow_symlinks=False):
-                    data = self._read_ignore(child.path, join(rel_dir, child.name))
-                    manifest.ignore_files[rel_dir] = data
-                    rules.add_nested(rel_dir, data)
-            for child in children:
-                self._scan_one(child, rel_dir, rules, manifest, stack)
+            finally:
+                os.close(fd)
         return manifest
 
-    def _read_ignore(self, full: str, rel: str) -> bytes:
+    def _read_ignore(self, dir_fd: int, name: str, rel: str) -> bytes:
         try:
-            with open(full, "rb") as f:
+            fd = os.open(name, os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as f:
                 return f.read(_IGNORE_MAX)
         except OSError as e:
             raise UsageError(f"cannot read {rel}: {_describe(e)}") from e
@@ -167,7 +256,8 @@ class LocalTransport:
 
     def stat(self, path: str) -> Entry | None:
         try:
-            st = os.lstat(self.full(path))
+            with self._parent(path) as (dir_fd, name):
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
         except NotADirectoryError:
@@ -205,29 +295,41 @@ class LocalTransport:
         result: dict[str, str] = {}
         for path in paths:
             try:
-                full = self.full(path)
-                st = os.lstat(full)
+                fd = self._open(path, os.O_RDONLY)
+            except (OSError, UnsafePath):
+                continue
+            try:
+                st = os.fstat(fd)
                 key = [st.st_size, st.st_mtime_ns, st.st_ino]
                 hit = cache.get(path)
                 if hit and hit[:3] == key and isinstance(hit[3], str):
                     result[path] = hit[3]
                     continue
-                digest = md5_file(full)
+                digest = md5_file(fd)
+                st = os.fstat(fd)
                 if (st.st_size, st.st_mtime_ns, st.st_ino) == tuple(key) and not is_internal(
                     path.rpartition("/")[2]
                 ):
                     cache[path] = [*key, digest]
                     self._cache_dirty = True
                 result[path] = digest
-            except (OSError, UnsafePath):
+            except OSError:
                 continue
+            finally:
+                os.close(fd)
         return result
 
     def hash_prefix(self, path: str, length: int) -> str | None:
         try:
-            return md5_file(self.full(path), length)
+            fd = self._open(path, os.O_RDONLY)
         except (OSError, UnsafePath):
             return None
+        try:
+            return md5_file(fd, length)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def save_cache(self) -> None:
         """Write the MD5 cache, dropping entries for files that are gone."""
@@ -246,20 +348,22 @@ class LocalTransport:
 
     # -- writing -----------------------------------------------------------
 
-    def read_chunks(self, path: str, offset: int) -> Iterator[bytes]:
-        fd = os.open(self.full(path), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    def read_chunks(self, path: str, offset: int, size: int | None = None) -> Iterator[bytes]:
+        fd = self._open(path, os.O_RDONLY)
         with os.fdopen(fd, "rb", buffering=0) as f:
             if offset:
                 f.seek(offset)
-            while True:
-                block = f.read(CHUNK)
+            remaining = None if size is None else size + 1 - offset
+            while remaining is None or remaining > 0:
+                block = f.read(CHUNK if remaining is None else min(CHUNK, remaining))
                 if not block:
                     return
+                if remaining is not None:
+                    remaining -= len(block)
                 yield block
 
     def open_write(self, path: str, offset: int) -> BinaryIO:
-        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-        fd = os.open(self.full(path), flags, 0o600)
+        fd = self._open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             os.ftruncate(fd, offset)
             os.lseek(fd, offset, os.SEEK_SET)
@@ -269,38 +373,52 @@ class LocalTransport:
         return os.fdopen(fd, "wb")
 
     def set_attrs(self, path: str, mtime: int, mode: int) -> None:
-        full = self.full(path)
-        os.chmod(full, mode & 0o777)
         ns = mtime * 1_000_000_000
-        os.utime(full, ns=(ns, ns), follow_symlinks=False)
+        with self._parent(path) as (dir_fd, name):
+            try:
+                fd = os.open(name, os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except PermissionError:  # unreadable to us (mode 0o000): by name, not followed
+                if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                    raise ChangedError("no longer a regular file") from None
+                os.chmod(name, mode & 0o777, dir_fd=dir_fd)
+                os.utime(name, ns=(ns, ns), dir_fd=dir_fd, follow_symlinks=False)
+                return
+            try:
+                os.fchmod(fd, mode & 0o777)
+                os.utime(fd, ns=(ns, ns))
+            finally:
+                os.close(fd)
 
     def commit(self, partial: str, path: str, expected: Entry | None) -> None:
         """Rename the partial over ``path`` unless ``path`` changed since the scan."""
-        src, dst = self.full(partial), self.full(path)
-        if expected is None:
-            try:
-                os.link(src, dst, follow_symlinks=False)
-            except FileExistsError as e:
-                raise ChangedError("appeared since the scan; not overwritten") from e
-            except OSError as e:
-                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-                    raise
-                if os.path.lexists(dst):
+        with self._parent(partial) as (src_fd, src), self._parent(path) as (dst_fd, dst):
+            at = {"src_dir_fd": src_fd, "dst_dir_fd": dst_fd}
+            if expected is None:
+                try:
+                    os.link(src, dst, **at, follow_symlinks=False)
+                except FileExistsError as e:
                     raise ChangedError("appeared since the scan; not overwritten") from e
-                os.replace(src, dst)
+                except OSError as e:
+                    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                        raise
+                    if _lexists(dst, dst_fd):
+                        raise ChangedError("appeared since the scan; not overwritten") from e
+                    os.replace(src, dst, **at)
+                    return
+                os.unlink(src, dir_fd=src_fd)
                 return
-            os.unlink(src)
-            return
-        if not matches(self.stat(path), expected):
-            raise ChangedError("changed since the scan; not overwritten")
-        os.replace(src, dst)
+            if not matches(self.stat(path), expected):
+                raise ChangedError("changed since the scan; not overwritten")
+            os.replace(src, dst, **at)
 
     def mkdir(self, path: str) -> None:
-        try:
-            os.mkdir(self.full(path), 0o755)
-        except FileExistsError:
-            if not os.path.isdir(self.full(path)) or os.path.islink(self.full(path)):
-                raise ChangedError("a non-directory is in the way") from None
+        with self._parent(path) as (dir_fd, name):
+            try:
+                os.mkdir(name, 0o755, dir_fd=dir_fd)
+            except FileExistsError:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):
+                    raise ChangedError("a non-directory is in the way") from None
 
     def remove(self, path: str, expected: Entry | None) -> None:
         found = self.stat(path)
@@ -308,29 +426,33 @@ class LocalTransport:
             return
         if expected is not None and not matches(found, expected):
             raise ChangedError("changed since the scan; not deleted")
-        if found.is_dir:
-            try:
-                os.rmdir(self.full(path))
-            except OSError as e:
-                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise TransferError("directory not empty (holds ignored or new files)") from e
-                raise
-        else:
-            os.unlink(self.full(path))
+        with self._parent(path) as (dir_fd, name):
+            if found.is_dir:
+                try:
+                    os.rmdir(name, dir_fd=dir_fd)
+                except OSError as e:
+                    if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise TransferError(
+                            "directory not empty (holds ignored or new files)"
+                        ) from e
+                    raise
+            else:
+                os.unlink(name, dir_fd=dir_fd)
 
     def remove_partial(self, path: str) -> None:
         try:
-            os.unlink(self.full(path))
+            with self._parent(path) as (dir_fd, name):
+                os.unlink(name, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
 
     def rename_aside(self, path: str, new_path: str, expected: Entry | None) -> None:
         if not matches(self.stat(path), expected):
             raise ChangedError("changed since the scan; not moved")
-        dst = self.full(new_path)
-        if os.path.lexists(dst):
-            raise ChangedError(f"{new_path} already exists")
-        os.rename(self.full(path), dst)
+        with self._parent(path) as (src_fd, src), self._parent(new_path) as (dst_fd, dst):
+            if _lexists(dst, dst_fd):
+                raise ChangedError(f"{new_path} already exists")
+            os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
 
     # -- locking -----------------------------------------------------------
 

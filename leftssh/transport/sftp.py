@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import paramiko
-from paramiko.sftp import CMD_SETSTAT
+from paramiko.sftp import CMD_CLOSE, CMD_HANDLE, CMD_NAME, CMD_OPENDIR, CMD_READDIR, CMD_SETSTAT
 
 from leftssh import lock
 from leftssh.errors import (
@@ -46,6 +46,8 @@ _HASH_BATCH = 2000
 
 
 def _connection_lost(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno is None and str(e) == "Socket is closed":
+        return True  # paramiko's error for a channel whose connection went away
     return isinstance(e, (EOFError, paramiko.SSHException, socket.timeout, ConnectionError))
 
 
@@ -58,6 +60,32 @@ def _io_error(e: BaseException, what: str) -> Exception:
     if isinstance(e, OSError):
         return TransferError(f"{what}: {e.strerror or e}")
     return TransferError(f"{what}: {e}")
+
+
+def _listdir(sftp: paramiko.SFTPClient, path: str) -> list[paramiko.SFTPAttributes]:
+    """List a remote directory like ``listdir_attr``, keeping names that are not UTF-8.
+
+    paramiko decodes names as strict UTF-8, so a single odd name would make the whole
+    directory unreadable; here it becomes a surrogate escape that the scan reports.
+    """
+    t, msg = sftp._request(CMD_OPENDIR, path)
+    if t != CMD_HANDLE:
+        raise paramiko.SFTPError("expected a handle")
+    handle = msg.get_binary()
+    found = []
+    while True:
+        try:
+            t, msg = sftp._request(CMD_READDIR, handle)
+        except EOFError:
+            break
+        if t != CMD_NAME:
+            raise paramiko.SFTPError("expected a name response")
+        for _ in range(msg.get_int()):
+            name = msg.get_string().decode("utf-8", "surrogateescape")
+            msg.get_string()  # the "ls -l" line
+            found.append(paramiko.SFTPAttributes._from_msg(msg, name))
+    sftp._request(CMD_CLOSE, handle)
+    return found
 
 
 # -- connecting -----------------------------------------------------------
@@ -248,6 +276,15 @@ def connect(settings: SshSettings) -> paramiko.Transport:
         raise ConnectError(
             f"SSH handshake with {settings.hostname}:{settings.port} failed: {e}"
         ) from e
+    if not t.initial_kex_done:
+        # start_client returns silently when its timeout expires (no banner, no key exchange).
+        t.close()
+        if hop is not None:
+            hop.close()
+        raise ConnectError(
+            f"SSH handshake with {settings.hostname}:{settings.port} timed out after "
+            f"{settings.connect_timeout:g} s"
+        )
     try:
         _check_host_key(settings, t.get_remote_server_key(), known)
         _authenticate(t, settings)
@@ -311,6 +348,7 @@ class SFTPTransport:
         self._probed = False
         self.md5_method = "md5"
         self._lock_path: str | None = None
+        self._real_root: str | None = None
         sftp = self.client()
         try:
             home = sftp.normalize(".")
@@ -358,6 +396,28 @@ class SFTPTransport:
             check_name(part)
         return f"{self.root}/{path}" if self.root != "/" else f"/{path}"
 
+    def _inside(self, path: str, whole: bool = False) -> None:
+        """Refuse ``path`` if its directory (``whole``: the path itself) resolves outside.
+
+        The SFTP server follows symlinks, so a directory swapped for a symlink after the
+        scan would lead a read or write outside the share. SFTP v3 has neither O_NOFOLLOW
+        nor openat: one round trip remains between this check and the operation.
+        """
+        target = path if whole else path.rpartition("/")[0]
+        if not target:
+            return
+        sftp = self.client()
+        try:
+            if self._real_root is None:
+                self._real_root = sftp.normalize(self.root)
+            real = sftp.normalize(self.full(target))
+        except FileNotFoundError:
+            return  # nothing there to follow: the operation fails on its own
+        except Exception as e:
+            raise _io_error(e, "resolving a path") from e
+        if real != posixpath.join(self._real_root, target):
+            raise UnsafePath(f"{display(path)}: leads outside the share through a symlink")
+
     # -- reading -------------------------------------------------------------
 
     def root_exists(self) -> bool:
@@ -399,7 +459,7 @@ class SFTPTransport:
         while stack:
             rel_dir = stack.pop()
             try:
-                attrs = sftp.listdir_attr(self.full(rel_dir))
+                attrs = _listdir(sftp, self.full(rel_dir))
             except Exception as e:
                 err = _io_error(e, f"listing {rel_dir or '.'}")
                 if isinstance(err, LeftsshError):
@@ -408,11 +468,15 @@ class SFTPTransport:
                 manifest.skipped.append(Skipped(rel_dir or ".", f"unreadable: {err}"))
                 continue
             attrs.sort(key=lambda a: a.filename)
-            names = set()
+            names: set[str] = set()
+            twice: set[str] = set()
             for a in attrs:
-                if a.filename in names:
+                if a.filename in names and a.filename not in twice:
+                    twice.add(a.filename)
                     manifest.skipped.append(Skipped(join(rel_dir, a.filename), "duplicate name"))
                 names.add(a.filename)
+            # A listing that names an entry twice contradicts itself: trust neither.
+            attrs = [a for a in attrs if a.filename not in twice]
             for a in attrs:
                 if a.filename == IGNORE_FILE and stat.S_ISREG(a.st_mode or 0):
                     data = self._read_small(join(rel_dir, a.filename))
@@ -451,7 +515,12 @@ class SFTPTransport:
         try:
             check_name(name)
         except UnsafePath:
-            manifest.skipped.append(Skipped(rel_dir + "/" + display(name), "unsafe name"))
+            manifest.skipped.append(Skipped(join(rel_dir, display(name)), "unsafe name"))
+            return
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            manifest.skipped.append(Skipped(rel, "undecodable name (not UTF-8)"))
             return
         mode = a.st_mode or 0
         if is_internal(name):
@@ -576,14 +645,18 @@ class SFTPTransport:
 
     # -- transfers -------------------------------------------------------------
 
-    def read_chunks(self, path: str, offset: int) -> Iterator[bytes]:
+    def read_chunks(self, path: str, offset: int, size: int | None = None) -> Iterator[bytes]:
         sftp = self.client()
+        self._inside(path, whole=True)
         try:
             f = sftp.open(self.full(path), "rb")
         except Exception as e:
             raise _io_error(e, "open") from e
         try:
-            size = f.stat().st_size or 0
+            claimed = f.stat().st_size or 0
+            # The peer's fstat may lie (paramiko's prefetch plans every request up front):
+            # read at most one byte past the size the listing gave.
+            size = claimed if size is None else min(claimed, size + 1)
             f.seek(offset)
             if size > offset:
                 f.prefetch(size, PREFETCH_REQUESTS)
@@ -605,6 +678,7 @@ class SFTPTransport:
     def open_write(self, path: str, offset: int) -> BinaryIO:
         sftp = self.client()
         full = self.full(path)
+        self._inside(path)
         try:
             if offset:
                 f = sftp.open(full, "r+b")
@@ -622,6 +696,7 @@ class SFTPTransport:
         attr.st_mode = mode & 0o777
         attr.st_atime = mtime
         attr.st_mtime = mtime
+        self._inside(path, whole=True)
         try:
             self.client()._request(CMD_SETSTAT, self.full(path), attr)
         except Exception as e:
@@ -631,6 +706,7 @@ class SFTPTransport:
         """Rename the partial over ``path`` unless ``path`` changed since the scan."""
         sftp = self.client()
         src, dst = self.full(partial), self.full(path)
+        self._inside(path)
         try:
             if expected is None:
                 # Plain SFTP rename refuses to replace an existing file: no clobbering.
@@ -650,6 +726,7 @@ class SFTPTransport:
             raise _io_error(e, "rename into place") from e
 
     def mkdir(self, path: str) -> None:
+        self._inside(path)
         try:
             self.client().mkdir(self.full(path), 0o755)
         except Exception as e:
@@ -666,6 +743,7 @@ class SFTPTransport:
             return
         if expected is not None and not matches(found, expected):
             raise ChangedError("changed since the scan; not deleted")
+        self._inside(path)
         try:
             if found.is_dir:
                 self.client().rmdir(self.full(path))
@@ -679,6 +757,7 @@ class SFTPTransport:
             raise _io_error(e, "delete") from e
 
     def remove_partial(self, path: str) -> None:
+        self._inside(path)
         try:
             self.client().remove(self.full(path))
         except FileNotFoundError:
@@ -689,6 +768,7 @@ class SFTPTransport:
     def rename_aside(self, path: str, new_path: str, expected: Entry | None) -> None:
         if not matches(self.stat(path), expected):
             raise ChangedError("changed since the scan; not moved")
+        self._inside(path)
         try:
             self.client().rename(self.full(path), self.full(new_path))
         except Exception as e:
