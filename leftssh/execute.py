@@ -263,7 +263,17 @@ class Executor:
         for attempt in (1, 2):
             self._check_stop()
             done = self._copy_all(todo, copies, resume=attempt == 1, mode=mode)
-            self._check_stop()
+            if self.stop.is_set():
+                for a in todo:
+                    c = copies[a.path]
+                    error = "interrupted; the partial file is kept for resume"
+                    self._out(
+                        Outcome(
+                            a, Status.FAILED, bytes=c.sent, resumed_from=c.resumed_from, error=error
+                        ),
+                        sink,
+                    )
+                self._check_stop()
             verified = self._verify(done, copies, mode)
             self._map(
                 lambda a: self._finish(copies[a.path], mode, sink),

@@ -101,6 +101,7 @@ class Reporter:
     extra_exit: int = 0
     extra_summary: dict = field(default_factory=dict)
     progress: bool = False
+    _skips_seen: set = field(default_factory=set)
     _lock: threading.RLock = field(default_factory=lambda: _OUTPUT_LOCK)
     _bar: object = None
 
@@ -135,6 +136,12 @@ class Reporter:
 
     def emit(self, o: Outcome) -> None:
         with self._lock:
+            if o.action.kind is Kind.SKIP:
+                # Each skipped entry is reported once, also across watch rounds.
+                key = (o.action.path, o.action.reason)
+                if key in self._skips_seen:
+                    return
+                self._skips_seen.add(key)
             self.outcomes.append(o)
             if self.json_mode:
                 rec = outcome_record(o, self.target if self.multi else None)
