@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from leftssh.errors import ChangedError, Interrupted, LeftsshError, TransferError
 from leftssh.model import (
@@ -152,9 +153,18 @@ class Executor:
     def _run(self, plan: Plan) -> list[Outcome]:
         if any(_copies_content(a) for a in plan.actions):
             self.verify_mode()  # may refuse (--verify md5) before anything changed
+        conflicts = [a for a in plan.actions if a.kind is Kind.CONFLICT]
         pending: list[Action] = []
         for a in plan.actions:
             self._check_stop()
+            if a.kind is Kind.CONFLICT:
+                if conflicts:  # all of them together, where the first one stands
+                    if pending:
+                        self._transfer_batch(pending)
+                        pending = []
+                    self._run_conflicts(conflicts)
+                    conflicts = []
+                continue
             if a.is_transfer and not a.meta_only:
                 pending.append(a)
                 if self._batch_full(pending):
@@ -174,47 +184,57 @@ class Executor:
         total = sum(a.source.size for a in pending if a.source)
         return len(pending) >= BATCH_FILES or total >= BATCH_BYTES
 
-    def _run_conflict(self, a: Action) -> None:
-        """Keep the losing version under ``a.keep`` on both sides; the winner takes the name.
+    def _run_conflicts(self, actions: list[Action]) -> None:
+        """Keep each losing version under ``a.keep`` on both sides; the winner takes the name.
 
-        Order matters for crash safety: the loser is first renamed aside on its
-        own side (so no version is ever overwritten), then the winner is copied
-        into the free name and the kept copy to the other side.
+        Order matters for crash safety: every loser is first renamed aside on
+        its own side (so no version is ever overwritten), then the winners are
+        copied into the freed names and the kept copies to the other side, all
+        in shared batches (one remote hash call per batch, not per conflict).
         """
-        if a.winner is None:
-            self._record(Outcome(a, Status.SKIPPED, reason=a.reason or "conflict"))
-            return
-        win_side, lose_side = a.winner, a.winner.other
-        win = a.local if win_side is Side.LOCAL else a.remote
-        lose = a.remote if win_side is Side.LOCAL else a.local
-        assert win is not None and lose is not None
-        try:
-            self.side(lose_side).rename_aside(a.path, a.keep, lose)
-        except ChangedError as e:
-            self._record(Outcome(a, Status.SKIPPED, reason=str(e)))
-            return
-        except (TransferError, OSError) as e:
-            self._record(Outcome(a, Status.FAILED, error=_message(e)))
-            return
-        copies = [Action(transfer_kind(win_side), a.keep, source=_moved(lose, a.keep))]
-        if not win.is_dir:
-            copies.insert(0, Action(transfer_kind(lose_side), a.path, source=win))
+        staged: list[tuple[Action, list[Action]]] = []
+        for a in actions:
+            self._check_stop()
+            if a.winner is None:
+                self._record(Outcome(a, Status.SKIPPED, reason=a.reason or "conflict"))
+                continue
+            win_side, lose_side = a.winner, a.winner.other
+            win = a.local if win_side is Side.LOCAL else a.remote
+            lose = a.remote if win_side is Side.LOCAL else a.local
+            assert win is not None and lose is not None
+            try:
+                self.side(lose_side).rename_aside(a.path, a.keep, lose)
+            except ChangedError as e:
+                self._record(Outcome(a, Status.SKIPPED, reason=str(e)))
+                continue
+            except (TransferError, OSError) as e:
+                self._record(Outcome(a, Status.FAILED, error=_message(e)))
+                continue
+            copies = [Action(transfer_kind(win_side), a.keep, source=_moved(lose, a.keep))]
+            if not win.is_dir:
+                copies.insert(0, Action(transfer_kind(lose_side), a.path, source=win))
+            staged.append((a, copies))
+        pending = [c for _, copies in staged for c in copies]
         sink: list[Outcome] = []
-        self._transfer_batch(copies, sink)
-        failed = [o for o in sink if o.status is not Status.OK]
-        sent = sum(o.bytes for o in sink)
-        verified = {o.verified for o in sink} - {"none"}
-        if failed:
-            error = "; ".join(f"{o.action.path}: {o.error or o.reason}" for o in failed)
-            self._record(Outcome(a, Status.FAILED, bytes=sent, error=error))
-            return
-        self._record(
-            Outcome(a, Status.OK, bytes=sent, verified=",".join(sorted(verified)) or "none")
-        )
+        for i in range(0, len(pending), BATCH_FILES):
+            self._transfer_batch(pending[i : i + BATCH_FILES], sink)
+        results = {id(o.action): o for o in sink}
+        for a, copies in staged:
+            outs = [results[id(c)] for c in copies if id(c) in results]
+            failed = [o for o in outs if o.status is not Status.OK]
+            sent = sum(o.bytes for o in outs)
+            verified = {o.verified for o in outs} - {"none"}
+            if failed or len(outs) != len(copies):
+                error = "; ".join(f"{o.action.path}: {o.error or o.reason}" for o in failed)
+                self._record(Outcome(a, Status.FAILED, bytes=sent, error=error or "not copied"))
+                continue
+            self._record(
+                Outcome(a, Status.OK, bytes=sent, verified=",".join(sorted(verified)) or "none")
+            )
 
     def _run_simple(self, a: Action) -> None:
         if a.kind is Kind.CONFLICT:
-            self._run_conflict(a)
+            self._run_conflicts([a])
             return
         if a.kind is Kind.SKIP:
             self._record(Outcome(a, Status.SKIPPED, reason=a.reason))
@@ -367,14 +387,14 @@ class Executor:
                     raise Interrupted("interrupted")
                 if self._limiter:
                     self._limiter.consume(len(block))
-                out.write(block)
+                _write(out, block, dst, c.partial)
                 if self.on_bytes is not None:
                     self.on_bytes(len(block), a.path)
                 hasher.update(block)
                 sent += len(block)
                 c.sent += len(block)
         finally:
-            out.close()
+            _write(out, None, dst, c.partial)
         c.digest = hasher.hexdigest()
         if offset + sent != source.size:
             raise TransferError(
@@ -478,6 +498,26 @@ class Executor:
             ),
             sink,
         )
+
+
+def _write(out: BinaryIO, block: bytes | None, dst: Transport, partial: str) -> None:
+    """Write ``block`` to a partial file (None: close it).
+
+    When the receiving side refuses the bytes (disk full, quota, permission, I/O
+    error), the partial is removed: it could not be completed anyway, and left
+    behind it would keep the disk full for every file after it. An interruption
+    or a lost connection is not a refusal: that partial stays, for resume.
+    """
+    try:
+        if block is None:
+            out.close()
+        else:
+            out.write(block)
+    except (TransferError, OSError):
+        if block is not None:
+            _quiet(out.close)
+        _quiet(dst.remove_partial, partial)
+        raise
 
 
 def _prefix_hash(t: Transport, path: str, length: int) -> hashlib._Hash:
