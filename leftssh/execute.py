@@ -428,8 +428,10 @@ class Executor:
 
     def _drop_stale_partials(self, path: str, keep: str, dst_side: Side, dst: Transport) -> None:
         """Remove partials of ``path`` left by an older source version."""
-        parent, _, name = path.rpartition("/")
-        prefix = (parent + "/" if parent else "") + f".{name}."
+        # keep is ".NAME.<tag>.leftpart", or ".<md5 of NAME>.<tag>.leftpart" for a name
+        # too long to fit: either way, the part up to the tag is shared by every version.
+        stem = keep[: -len(PARTIAL_SUFFIX)]
+        prefix = stem[: stem.rfind(".") + 1]
         for p in list(self.manifests[dst_side].partials):
             if p != keep and p.startswith(prefix) and p.endswith(PARTIAL_SUFFIX):
                 middle = p[len(prefix) : -len(PARTIAL_SUFFIX)]

@@ -9,6 +9,7 @@ leaves the old base or the new one, never a torn file.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -87,6 +88,13 @@ class BaseStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        # A run killed while saving left its temporary file; the run locks make this
+        # run the only writer for the pair, so any other one is an orphan.
+        for orphan in self.directory.glob(f".{glob.escape(self.path.name)}.*.tmp"):
+            try:
+                orphan.unlink()
+            except OSError:
+                pass
         try:
             fd = os.open(self.directory, os.O_RDONLY)
             try:

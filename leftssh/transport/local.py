@@ -363,7 +363,16 @@ class LocalTransport:
                 yield block
 
     def open_write(self, path: str, offset: int) -> BinaryIO:
-        fd = self._open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        if offset:
+            fd = self._open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        else:
+            # A fresh partial is created exclusively; whatever holds its (predictable) name,
+            # an old partial or a planted symlink, is removed rather than written through.
+            try:
+                fd = self._open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                self.remove_partial(path)
+                fd = self._open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, offset)
             os.lseek(fd, offset, os.SEEK_SET)
@@ -376,7 +385,8 @@ class LocalTransport:
         ns = mtime * 1_000_000_000
         with self._parent(path) as (dir_fd, name):
             try:
-                fd = os.open(name, os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                flags = os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+                fd = os.open(name, flags, dir_fd=dir_fd)
             except PermissionError:  # unreadable to us (mode 0o000): by name, not followed
                 if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
                     raise ChangedError("no longer a regular file") from None
