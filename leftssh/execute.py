@@ -31,8 +31,8 @@ from leftssh.model import (
 from leftssh.paths import PARTIAL_SUFFIX, partial_name, version_tag
 from leftssh.transport.base import HashUnavailable, Transport
 
-BATCH_FILES = 256
-BATCH_BYTES = 128 << 20
+BATCH_FILES = 2000
+BATCH_BYTES = 256 << 20
 
 
 class VerifyUnavailable(LeftsshError):
@@ -59,6 +59,7 @@ class _Copy:
     sent: int = 0
     digest: str = ""
     error: str = ""
+    attrs_set: bool = False
 
 
 class RateLimiter:
@@ -97,6 +98,8 @@ class Executor:
         self._emit_lock = threading.Lock()
         self.cut = False
         self._pool: ThreadPoolExecutor | None = None
+        self._hasher: ThreadPoolExecutor | None = None
+        self._prehash: Future | None = None
         self._verify_mode: str | None = None
         self._limiter = RateLimiter(self.options.bwlimit) if self.options.bwlimit else None
 
@@ -146,9 +149,10 @@ class Executor:
         try:
             return self._run(plan)
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+            for pool in (self._pool, self._hasher):
+                if pool is not None:
+                    pool.shutdown(wait=True)
+            self._pool = self._hasher = None
 
     def _run(self, plan: Plan) -> list[Outcome]:
         if any(_copies_content(a) for a in plan.actions):
@@ -282,6 +286,7 @@ class Executor:
         todo = list(actions)
         for attempt in (1, 2):
             self._check_stop()
+            self._prehash = self._start_source_hash(todo, mode)
             done = self._copy_all(todo, copies, resume=attempt == 1, mode=mode)
             if self.stop.is_set():
                 for a in todo:
@@ -343,6 +348,19 @@ class Executor:
             self._pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="transfer")
         _wait_all([self._pool.submit(fn, a) for a in actions], self.stop)
 
+    def _start_source_hash(self, actions: list[Action], mode: str) -> Future | None:
+        """For downloads, start the peer's MD5 of the sources now, alongside the copies."""
+        if mode != "md5" or not actions:
+            return None
+        src, dst, _ = self._endpoints(actions[0])
+        if dst is not self.local or src is self.local:
+            return None
+        if any(self._endpoints(a)[1] is not dst for a in actions):
+            return None
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
+        return self._hasher.submit(src.hash_files, [a.path for a in actions])
+
     def _copy_all(
         self, actions: list[Action], copies: dict[str, _Copy], *, resume: bool, mode: str
     ) -> list[Action]:
@@ -379,7 +397,8 @@ class Executor:
                 local_t, local_path = (dst, c.partial) if dst is self.local else (src, a.path)
                 hasher = _prefix_hash(local_t, local_path, offset)
         c.resumed_from = offset if resume else c.resumed_from
-        out = dst.open_write(c.partial, offset)
+        out = dst.open_write(c.partial, offset, (source.mtime, source.mode))
+        c.attrs_set = False
         sent = 0
         try:
             for block in src.read_chunks(a.path, offset, source.size):
@@ -395,6 +414,7 @@ class Executor:
                 c.sent += len(block)
         finally:
             _write(out, None, dst, c.partial)
+        c.attrs_set = bool(getattr(out, "attrs_set", False))
         c.digest = hasher.hexdigest()
         if offset + sent != source.size:
             raise TransferError(
@@ -461,7 +481,9 @@ class Executor:
             if dst is self.local and src is not self.local:
                 # Receiving side is local: its bytes were hashed as written;
                 # compare with the source's MD5 computed by the peer.
-                sums = src.hash_files([a.path for a in group])
+                pre = self._prehash
+                self._prehash = None
+                sums = pre.result() if pre is not None else src.hash_files([a.path for a in group])
                 for a in group:
                     if sums.get(a.path) == copies[a.path].digest:
                         ok.add(a.path)
@@ -479,7 +501,8 @@ class Executor:
         assert a.source is not None
         _, dst, _ = self._endpoints(a)
         try:
-            dst.set_attrs(c.partial, a.source.mtime, a.source.mode)
+            if not c.attrs_set:
+                dst.set_attrs(c.partial, a.source.mtime, a.source.mode)
             dst.commit(c.partial, a.path, a.expected)
         except ChangedError as e:
             _quiet(dst.remove_partial, c.partial)

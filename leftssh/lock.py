@@ -58,6 +58,10 @@ def is_stale(info: dict, age: float, this_host: str | None = None) -> bool:
     host = this_host or socket.gethostname()
     pid = info.get("pid")
     if info.get("host") == host and isinstance(pid, int) and pid > 0:
+        if pid == os.getpid():
+            # Our own lock, left when a lost connection kept us from removing it
+            # (watch reconnecting): nobody else holds it.
+            return True
         return not _pid_alive(pid)
     if not info:
         return age > 60

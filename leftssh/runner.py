@@ -342,7 +342,9 @@ def sync(
         try:
             executor.run(plan)
         finally:
-            store.save(_base_after(base or {}, local_m, remote_m, executor.outcomes, plan))
+            after = _base_after(base or {}, local_m, remote_m, executor.outcomes, plan)
+            if base is None or after != base:
+                store.save(after)
         return reporter.exit_code()
     finally:
         locks.release()
@@ -463,6 +465,7 @@ def watch(
     next_remote = 0.0
     remote_fp = 0
     worst = 0
+    last_lock_message = ""
     try:
         while not stop.is_set():
             try:
@@ -496,7 +499,9 @@ def watch(
                 backoff = min(backoff * 2, max_backoff)
                 continue
             except LockError as e:
-                reporter.warn(f"{e}; retrying")
+                if str(e) != last_lock_message:
+                    reporter.warn(f"{e}; retrying")
+                    last_lock_message = str(e)
                 stop.wait(interval)
                 continue
             except Interrupted as e:

@@ -40,7 +40,9 @@ class Transport(Protocol):
 
     def hash_prefix(self, path: str, length: int) -> str | None: ...
 
-    def open_write(self, path: str, offset: int) -> BinaryIO: ...
+    def open_write(
+        self, path: str, offset: int, attrs: tuple[int, int] | None = None
+    ) -> BinaryIO: ...
 
     def read_chunks(self, path: str, offset: int, size: int | None = None) -> Iterator[bytes]:
         """Yield the file's bytes from ``offset``.

@@ -362,7 +362,7 @@ class LocalTransport:
                     remaining -= len(block)
                 yield block
 
-    def open_write(self, path: str, offset: int) -> BinaryIO:
+    def open_write(self, path: str, offset: int, attrs: tuple[int, int] | None = None) -> BinaryIO:
         if offset:
             fd = self._open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         else:

@@ -26,6 +26,7 @@ from paramiko.sftp import (
     CMD_DATA,
     CMD_EXTENDED,
     CMD_EXTENDED_REPLY,
+    CMD_FSETSTAT,
     CMD_HANDLE,
     CMD_NAME,
     CMD_OPENDIR,
@@ -563,6 +564,8 @@ class _Writer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._closed = False
+        self.attrs: tuple[int, int] | None = None
+        self.attrs_set = False
 
     def _send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -578,6 +581,13 @@ class _Writer:
         error: BaseException | None = None
         self._file._closed = True  # the CLOSE is ours: paramiko must not send another
         try:
+            if self.attrs is not None:
+                # mtime and mode ride the pipeline on the handle (no path, no symlink).
+                attr = paramiko.SFTPAttributes()
+                attr.st_mtime = attr.st_atime = self.attrs[0]
+                attr.st_mode = self.attrs[1] & 0o777
+                self._req.send(CMD_FSETSTAT, self._handle, attr)
+                self.attrs_set = True
             self._req.send(CMD_CLOSE, self._handle)
         except Exception as e:
             error = e
@@ -1105,7 +1115,8 @@ class SFTPTransport:
             except Exception:
                 pass
 
-    def open_write(self, path: str, offset: int) -> BinaryIO:
+    def open_write(self, path: str, offset: int, attrs: tuple[int, int] | None = None) -> BinaryIO:
+        """Open a partial for writing at ``offset``; ``attrs`` (mtime, mode) are set on close."""
         sftp = self.client()
         full = self.full(path)
         self._inside(path, whole=bool(offset))
@@ -1121,6 +1132,7 @@ class SFTPTransport:
             raise _io_error(e, "open for writing") from e
         writer = _GuardedWriter(f, offset, request, max(2, WRITE_AHEAD // request))
         writer.on_lost = self._t.close
+        writer.attrs = attrs
         return writer  # type: ignore[return-value]
 
     def _create(self, full: str) -> paramiko.SFTPFile:
@@ -1154,7 +1166,8 @@ class SFTPTransport:
         """Rename the partial over ``path`` unless ``path`` changed since the scan."""
         sftp = self.client()
         src, dst = self.full(partial), self.full(path)
-        self._inside(path)
+        # No separate parent check here: the partial was created in this directory
+        # after one, and a parent swapped since cannot hold it, so the rename fails.
         try:
             if expected is None:
                 # Plain SFTP rename refuses to replace an existing file: no clobbering.

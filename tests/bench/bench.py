@@ -27,7 +27,17 @@ per-pair ratios leftssh/rsync.  Peak RSS comes from ``/usr/bin/time`` (wait4
 rusage of the leftssh process), or from polling /proc/PID/status VmHWM when
 /usr/bin/time is missing.
 
+The kill in W5 watches the remote partial file (``*.leftpart``; rsync's
+``.big.bin.XXXXXX``) and lands within about 0.5 % of the 40 % mark at loopback
+speed, so no ``--bwlimit`` is used.  The source data (the 500 MB file and the
+trees) is made once and kept in ``--cache`` for later runs.
+
+Each run also records the 1-minute load average: the machine may be shared, and
+a load above the CPU count means the times are noisy (the pairwise ratios less so).
+
 ``--quick`` shrinks sizes and pair counts for a smoke run (about a minute).
+``--profile DIR`` runs every leftssh under py-spy (see ``profsum.py``), and
+``--serve`` only starts sshd and the proxy, for measuring by hand.
 """
 
 from __future__ import annotations
@@ -213,6 +223,7 @@ class Run:
     rss_kb: int | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
+    stdout: str = field(default="", repr=False)  # kept for parsing, not written out
 
     def as_dict(self) -> dict:
         d = {
@@ -258,6 +269,7 @@ class Runner:
         )
         self.env["HOME"] = str(bench.home)
         self.rss_file = bench.work / "time.out"
+        self.profiled = 0
 
     # command lines
 
@@ -303,10 +315,17 @@ class Runner:
             raise BenchError("proxy still has open connections before a run")
         c0, s0 = proxy.snapshot()
         full = cmd
+        if self.b.args.profile and tool == "leftssh":
+            # Sampled out of process, so timings shift a little; for finding hot spots only.
+            self.profiled += 1
+            out = Path(self.b.args.profile) / f"{self.b.current}-{cmd[3]}-{self.profiled:02d}.txt"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            full = ["py-spy", "record", "-r", "200", "-f", "raw", "--threads", "--idle"]
+            full += ["-o", str(out), "--", *cmd]
         if self.use_time:
             with contextlib.suppress(FileNotFoundError):
                 self.rss_file.unlink()
-            full = [TIME_BIN, "-f", "%M", "-o", str(self.rss_file), *cmd]
+            full = [TIME_BIN, "-f", "%M", "-o", str(self.rss_file), *full]
         hwm: list[int] = []
         t0 = time.perf_counter()
         proc = subprocess.Popen(
@@ -340,7 +359,11 @@ class Runner:
         elif hwm:
             rss = max(hwm)
         run = Run(tool, seconds, proc.returncode, c1 - c0, s1 - s0, rss)
-        run.extra["stdout_tail"] = out.decode(errors="replace")[-2000:]
+        run.extra["load1"] = round(os.getloadavg()[0], 2)
+        run.stdout = out.decode(errors="replace")
+        summary = [o["summary"] for o in _json_lines(run.stdout[-4000:]) if "summary" in o]
+        if summary:
+            run.extra["summary"] = summary[-1]
         if proc.returncode != 0:
             run.note = err.decode(errors="replace").strip()[-1000:]
             if check:
@@ -544,6 +567,11 @@ class Bench:
             self._own_work = True
         self.home = self.work / "home"
         self.home.mkdir(exist_ok=True)
+        # Source data is made once and reused by later runs (the 500 MB file, the trees).
+        self.cache = Path(args.cache).absolute()
+        if args.fresh and self.cache.exists():
+            shutil.rmtree(self.cache)
+        self.cache.mkdir(parents=True, exist_ok=True)
         self.data = self.work / "data"  # the "local" side
         self.remote = self.work / "remote"  # the "remote" side (same machine, via sshd)
         self.sshd = Sshd(self.work / "sshd")
@@ -551,6 +579,7 @@ class Bench:
         self.runner: Runner | None = None
         self.results: dict = {"workloads": {}, "notes": []}
         self.sync_command = "sync"
+        self.current = ""
 
     # setup
 
@@ -638,10 +667,15 @@ class Bench:
             )
         return summarize(runs)
 
+    def big_source(self) -> Path:
+        """The directory holding big.bin (cached)."""
+        src = self.cache / f"big-{self.sizes.big}"
+        make_big_file(src / "big.bin", self.sizes.big)
+        return src
+
     def run_w1(self) -> None:
         size = self.sizes.big
-        src = self.data / "w1"
-        make_big_file(src / "big.bin", size)
+        src = self.big_source()
         dst_l, dst_r = self.remote / "w1-leftssh", self.remote / "w1-rsync"
         r = self.runner
         assert r is not None
@@ -665,11 +699,13 @@ class Bench:
 
     def run_w2(self) -> None:
         size = self.sizes.big
-        src_file = self.data / "w1" / "big.bin"
-        make_big_file(src_file, size)
+        src_file = self.big_source() / "big.bin"
         remote_src = self.remote / "w2-source"
         clear_dir(remote_src)
-        os.link(src_file, remote_src / "big.bin")
+        try:
+            os.link(src_file, remote_src / "big.bin")
+        except OSError:
+            shutil.copy2(src_file, remote_src / "big.bin")
         dst_l, dst_r = self.data / "w2-leftssh", self.data / "w2-rsync"
         r = self.runner
         assert r is not None
@@ -695,7 +731,7 @@ class Bench:
 
     def small_tree(self) -> Path:
         z = self.sizes
-        src = self.data / "w3"
+        src = self.cache / f"small-{z.small_files}"
         make_small_tree(src, z.small_files, z.small_folders, 100, 8192, seed=3)
         return src
 
@@ -716,9 +752,7 @@ class Bench:
             return run
 
         def right() -> Run:
-            run = r.measure(
-                "rsync", r.rsync_cmd(f"{src}/", f"{ALIAS}:{dst_r}/"), 600
-            )
+            run = r.measure("rsync", r.rsync_cmd(f"{src}/", f"{ALIAS}:{dst_r}/"), 600)
             check_count(dst_r, n)
             return run
 
@@ -748,7 +782,7 @@ class Bench:
 
         def left() -> Run:
             run = r.measure("leftssh", cmd_l, 600)
-            moved = _json_actions(run.extra.get("stdout_tail", ""))
+            moved = _json_actions(run.stdout)
             if moved:
                 run.note = f"no-op run performed actions: {moved}"
             return run
@@ -763,8 +797,7 @@ class Bench:
 
     def run_w5(self) -> None:
         size = self.sizes.big
-        src = self.data / "w1"
-        make_big_file(src / "big.bin", size)
+        src = self.big_source()
         dst_l, dst_r = self.remote / "w5-leftssh", self.remote / "w5-rsync"
         r = self.runner
         assert r is not None
@@ -781,11 +814,14 @@ class Bench:
                 raise BenchError(f"W5: leftssh finished before reaching {frac:.0%}: {kill_l}")
             res_l = r.measure("leftssh", cmd, 600)
             check_size(dst_l / "big.bin", size)
-            resumed_from = _json_field(res_l.extra.get("stdout_tail", ""), "resumed_from")
+            resumed_from = _json_field(res_l.stdout, "resumed_from")
             clear_dir(dst_r)
             rcmd = r.rsync_cmd(f"{src}/", f"{ALIAS}:{dst_r}/", "--partial")
             kill_r = r.killed_at(
-                "rsync", rcmd, dst_r, lambda n: n == "big.bin" or n.startswith(".big.bin."),
+                "rsync",
+                rcmd,
+                dst_r,
+                lambda n: n == "big.bin" or n.startswith(".big.bin."),
                 size,
                 frac,
                 300,
@@ -826,21 +862,19 @@ class Bench:
             "ratio_median": med(
                 r_["leftssh_resume"]["seconds"] / r_["rsync_resume"]["seconds"] for r_ in rows
             ),
-            "leftssh_peak_rss_kb": max(
-                (r_["leftssh_resume"]["peak_rss_kb"] or 0) for r_ in rows
-            ),
+            "leftssh_peak_rss_kb": max((r_["leftssh_resume"]["peak_rss_kb"] or 0) for r_ in rows),
         }
 
     def run_mem(self) -> None:
         z = self.sizes
-        src = self.data / "mem"
-        make_small_tree(src, z.mem_files, z.mem_folders, 0, 100, seed=5)
-        local = self.data / "mem-local"
-        remote = self.remote / "mem"
-        if not (local / "d0000").exists():
-            copy_tree(src, local)
-        if not (remote / "d0000").exists():
-            copy_tree(src, remote)
+        # Made once and kept in the cache: a no-op run leaves both copies as they are.
+        base = self.cache / f"mem-{z.mem_files}"
+        local, remote = base / "local", base / "remote"
+        make_small_tree(local, z.mem_files, z.mem_folders, 0, 100, seed=5)
+        marker = base / "remote.complete"
+        if not marker.exists():
+            copy_tree(local, remote)
+            marker.touch()
         r = self.runner
         assert r is not None
         cmd = r.leftssh_cmd(self.sync_command, remote, local)
@@ -918,6 +952,19 @@ def summarize(runs: list[tuple[Run, Run]]) -> dict:
     }
 
 
+def _find(obj: object, key: str):  # noqa: ANN202
+    """Yield every value stored under ``key`` anywhere in a JSON-like structure."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == key:
+                yield v
+            else:
+                yield from _find(v, key)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _find(v, key)
+
+
 def _mb(kb: int | None) -> str:
     return "?" if not kb else f"{kb / 1024:.0f}MB"
 
@@ -988,16 +1035,51 @@ def print_table(results: dict) -> None:
         )
 
 
+def serve(bench: Bench) -> None:
+    """Keep sshd and the proxy up until SIGINT/SIGTERM; print how to use them."""
+    r = bench.runner
+    assert r is not None and bench.proxy is not None
+    example = r.leftssh_cmd("push", bench.remote / "x", bench.data / "x")
+    print("leftssh:", " ".join(example[:3]), "push", *example[4:], sep=" ")
+    print("rsync:  ", " ".join(r.rsync_cmd("SRC/", f"{ALIAS}:/DST/")))
+    print("Ctrl-C to stop", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(5):
+        c2s, s2c = bench.proxy.snapshot()
+        print(
+            f"  proxy: {bench.proxy.connections} connections, {c2s} bytes up, {s2c} down", end="\r"
+        )
+    print()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes, 2 pairs: a smoke run")
     p.add_argument("--pairs", type=int, help="pairs per workload (default 5, --quick 2)")
     p.add_argument("--out", default=str(REPO / "tests" / "bench" / "results.json"))
+    p.add_argument("--only", default="W1,W2,W3,W4,W5,MEM", help="comma-separated workloads to run")
+    p.add_argument("--workdir", help="work here instead of in a new temp dir")
     p.add_argument(
-        "--only", default="W1,W2,W3,W4,W5,MEM", help="comma-separated workloads to run"
+        "--cache",
+        default=os.path.join(tempfile.gettempdir(), "leftssh-bench-cache"),
+        help="where the source data (made once) is kept between runs (default: %(default)s)",
     )
-    p.add_argument("--workdir", help="keep data here (reused across runs) instead of a temp dir")
+    p.add_argument("--fresh", action="store_true", help="remake the cached source data")
     p.add_argument("--keep", action="store_true", help="do not delete the temp work dir")
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="only start sshd and the counting proxy, print how to reach them, and wait for "
+        "Ctrl-C (for profiling leftssh by hand)",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="run every leftssh under `py-spy record -f raw` and keep the stacks in DIR "
+        "(summarize with tests/bench/profsum.py); timings are then not comparable",
+    )
     args = p.parse_args(argv)
     only = [x.strip().upper() for x in args.only.split(",") if x.strip()]
     t0 = time.perf_counter()
@@ -1011,6 +1093,9 @@ def main(argv: list[str] | None = None) -> int:
             + (" (quick)" if args.quick else ""),
             flush=True,
         )
+        if args.serve:
+            serve(bench)
+            return 0
         steps = {
             "W1": bench.run_w1,
             "W2": bench.run_w2,
@@ -1021,6 +1106,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for name in only:
             t1 = time.perf_counter()
+            bench.current = name
             print(f"{name} ...", flush=True)
             try:
                 steps[name]()
@@ -1036,7 +1122,19 @@ def main(argv: list[str] | None = None) -> int:
             bench.results["meta"]["proxy_connections"] = bench.proxy.connections
         bench.stop()
     print_table(bench.results)
-    print(f"\ntotal time {total:.1f}s")
+    loads = list(_find(bench.results, "load1"))
+    if loads:
+        bench.results["meta"]["load1_max"] = max(loads)
+        print(
+            f"\n1-minute load average after each run: median {statistics.median(loads):.2f}, "
+            f"max {max(loads):.2f} on {os.cpu_count()} CPUs"
+        )
+        if max(loads) > (os.cpu_count() or 1) + 1:
+            print(
+                "warning: other processes competed for the CPUs during this run; "
+                "times are noisy (the pairwise ratios less so)"
+            )
+    print(f"total time {total:.1f}s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(bench.results, indent=1) + "\n")
