@@ -865,6 +865,57 @@ class Bench:
             "leftssh_peak_rss_kb": max((r_["leftssh_resume"]["peak_rss_kb"] or 0) for r_ in rows),
         }
 
+    def run_bw(self) -> None:
+        """--bwlimit accuracy: push a 50 MB file at 10 MiB/s; the rate must be within 10 %.
+
+        The same push without a limit, run alongside, measures the fixed cost (connect,
+        scan, verify) that the limited run's wall time also contains.
+        """
+        size = 50 * 1000 * 1000 if not self.args.quick else 10 * 1000 * 1000
+        limit = 10 * 1024 * 1024
+        src = self.cache / f"bw-{size}" / "local"
+        make_big_file(src / "bw.bin", size)
+        r = self.runner
+        assert r is not None
+        remote = self.work / "bw-remote"
+        rows = []
+        for _ in range(2 if not self.args.quick else 1):
+            clear_dir(remote)
+            limited = r.measure(
+                "leftssh", r.leftssh_cmd("push", remote, src, "--bwlimit", str(limit)), 300
+            )
+            clear_dir(remote)
+            free = r.measure("leftssh", r.leftssh_cmd("push", remote, src), 300)
+            # The limited run's wall time includes the fixed cost (rate underestimated);
+            # subtracting the whole free run also removes its data time (overestimated):
+            # the true rate lies between the two.
+            low = size / limited.seconds
+            high = size / max(limited.seconds - free.seconds, 1e-3)
+            rows.append(
+                {
+                    "limited_seconds": limited.seconds,
+                    "free_seconds": free.seconds,
+                    "rate_low": low,
+                    "rate_high": high,
+                }
+            )
+        low = min(x["rate_low"] for x in rows)
+        high = max(x["rate_high"] for x in rows)
+        ok = low <= limit * 1.10 and high >= limit * 0.90
+        self.results["workloads"]["BW"] = {
+            "file_bytes": size,
+            "limit_bytes_per_s": limit,
+            "runs": rows,
+            "rate_bounds_bytes_per_s": [low, high],
+            "within_10_percent": ok,
+        }
+        print(
+            f"  BW: --bwlimit {limit / 1048576:.0f} MiB/s on {size / 1e6:.0f} MB: effective rate "
+            f"between {low / 1048576:.2f} and {high / 1048576:.2f} MiB/s "
+            f"({'within' if ok else 'NOT within'} 10 %)",
+            flush=True,
+        )
+
     def run_mem(self) -> None:
         z = self.sizes
         # Made once and kept in the cache: a no-op run leaves both copies as they are.
@@ -1059,7 +1110,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, 2 pairs: a smoke run")
     p.add_argument("--pairs", type=int, help="pairs per workload (default 5, --quick 2)")
     p.add_argument("--out", default=str(REPO / "tests" / "bench" / "results.json"))
-    p.add_argument("--only", default="W1,W2,W3,W4,W5,MEM", help="comma-separated workloads to run")
+    p.add_argument(
+        "--only", default="W1,W2,W3,W4,W5,MEM,BW", help="comma-separated workloads to run"
+    )
     p.add_argument("--workdir", help="work here instead of in a new temp dir")
     p.add_argument(
         "--cache",
@@ -1103,6 +1156,7 @@ def main(argv: list[str] | None = None) -> int:
             "W4": bench.run_w4,
             "W5": bench.run_w5,
             "MEM": bench.run_mem,
+            "BW": bench.run_bw,
         }
         for name in only:
             t1 = time.perf_counter()
