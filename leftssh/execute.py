@@ -99,7 +99,8 @@ class Executor:
         self.cut = False
         self._pool: ThreadPoolExecutor | None = None
         self._hasher: ThreadPoolExecutor | None = None
-        self._prehash: Future | None = None
+        self._settler: ThreadPoolExecutor | None = None
+        self._settling: Future | None = None
         self._verify_mode: str | None = None
         self._limiter = RateLimiter(self.options.bwlimit) if self.options.bwlimit else None
 
@@ -149,10 +150,16 @@ class Executor:
         try:
             return self._run(plan)
         finally:
-            for pool in (self._pool, self._hasher):
+            if self._settling is not None:
+                try:
+                    self._settling.result()
+                except BaseException:
+                    pass  # the run is already ending with its own error
+                self._settling = None
+            for pool in (self._settler, self._pool, self._hasher):
                 if pool is not None:
                     pool.shutdown(wait=True)
-            self._pool = self._hasher = None
+            self._pool = self._hasher = self._settler = None
 
     def _run(self, plan: Plan) -> list[Outcome]:
         if any(_copies_content(a) for a in plan.actions):
@@ -164,23 +171,26 @@ class Executor:
             if a.kind is Kind.CONFLICT:
                 if conflicts:  # all of them together, where the first one stands
                     if pending:
-                        self._transfer_batch(pending)
+                        self._transfer_batch(pending, background=True)
                         pending = []
+                    self._settled()
                     self._run_conflicts(conflicts)
                     conflicts = []
                 continue
             if a.is_transfer and not a.meta_only:
                 pending.append(a)
                 if self._batch_full(pending):
-                    self._transfer_batch(pending)
+                    self._transfer_batch(pending, background=True)
                     pending = []
                 continue
             if pending:
-                self._transfer_batch(pending)
+                self._transfer_batch(pending, background=True)
                 pending = []
+            self._settled()
             self._run_simple(a)
         if pending:
-            self._transfer_batch(pending)
+            self._transfer_batch(pending, background=True)
+        self._settled()
         self._check_stop()
         return self.outcomes
 
@@ -278,39 +288,76 @@ class Executor:
         else:
             sink.append(outcome)
 
-    def _transfer_batch(self, actions: list[Action], sink: list[Outcome] | None = None) -> None:
-        """Copy a batch of files, verify them with one hash call per side, commit."""
+    def _transfer_batch(
+        self, actions: list[Action], sink: list[Outcome] | None = None, background: bool = False
+    ) -> None:
+        """Copy a batch of files, then verify them with one hash call per side and commit.
+
+        With ``background`` the verify-and-commit stage runs on its own thread while
+        the caller goes on copying the next batch (at most one batch settles at a time;
+        ``_settled`` waits for it).
+        """
         mode = self.verify_mode()
-        attempts: dict[str, int] = {}
         copies = {a.path: _Copy(a, "") for a in actions}
+        self._check_stop()
+        prehash = self._start_source_hash(actions, mode)
+        self._copy_all(actions, copies, resume=True, mode=mode)
+        self._stop_if_asked(actions, copies, sink)
+        if not background:
+            self._settle(actions, copies, mode, sink, prehash)
+            return
+        self._settled()
+        if self._settler is None:
+            self._settler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="settle")
+        self._settling = self._settler.submit(self._settle, actions, copies, mode, sink, prehash)
+
+    def _settled(self) -> None:
+        """Wait for the batch verifying in the background; re-raise what stopped it."""
+        pending, self._settling = self._settling, None
+        if pending is not None:
+            pending.result()
+
+    def _stop_if_asked(
+        self, actions: list[Action], copies: dict[str, _Copy], sink: list[Outcome] | None
+    ) -> None:
+        if not self.stop.is_set():
+            return
+        for a in actions:
+            c = copies[a.path]
+            error = "interrupted; the partial file is kept for resume"
+            self._out(
+                Outcome(a, Status.FAILED, bytes=c.sent, resumed_from=c.resumed_from, error=error),
+                sink,
+            )
+        self._check_stop()
+
+    def _settle(
+        self,
+        actions: list[Action],
+        copies: dict[str, _Copy],
+        mode: str,
+        sink: list[Outcome] | None,
+        prehash: Future | None,
+    ) -> None:
+        """Verify copied files, commit the good ones, resend the others once from zero."""
         todo = list(actions)
         for attempt in (1, 2):
-            self._check_stop()
-            self._prehash = self._start_source_hash(todo, mode)
-            done = self._copy_all(todo, copies, resume=attempt == 1, mode=mode)
-            if self.stop.is_set():
-                for a in todo:
-                    c = copies[a.path]
-                    error = "interrupted; the partial file is kept for resume"
-                    self._out(
-                        Outcome(
-                            a, Status.FAILED, bytes=c.sent, resumed_from=c.resumed_from, error=error
-                        ),
-                        sink,
-                    )
+            if attempt == 2:
                 self._check_stop()
-            verified = self._verify(done, copies, mode)
+                prehash = self._start_source_hash(todo, mode)
+                self._copy_all(todo, copies, resume=False, mode=mode)
+                self._stop_if_asked(todo, copies, sink)
+            verified = self._verify(todo, copies, mode, prehash)
             self._map(
                 lambda a: self._finish(copies[a.path], mode, sink),
-                [a for a in done if not copies[a.path].error and a.path in verified],
+                [a for a in todo if not copies[a.path].error and a.path in verified],
             )
             retry: list[Action] = []
-            for a in done:
+            for a in todo:
                 c = copies[a.path]
-                attempts[a.path] = attempt
                 if c.error or a.path in verified:
                     continue
-                src, dst, _ = self._endpoints(a)
+                _, dst, _ = self._endpoints(a)
                 _quiet(dst.remove_partial, c.partial)
                 if attempt == 1:
                     retry.append(a)
@@ -459,7 +506,13 @@ class Executor:
                     _quiet(dst.remove_partial, p)
                     self.manifests[dst_side].partials.pop(p, None)
 
-    def _verify(self, actions: list[Action], copies: dict[str, _Copy], mode: str) -> set[str]:
+    def _verify(
+        self,
+        actions: list[Action],
+        copies: dict[str, _Copy],
+        mode: str,
+        prehash: Future | None = None,
+    ) -> set[str]:
         """Return the paths whose receiving-side copy matches the source."""
         ok: set[str] = set()
         live = [a for a in actions if not copies[a.path].error]
@@ -481,9 +534,11 @@ class Executor:
             if dst is self.local and src is not self.local:
                 # Receiving side is local: its bytes were hashed as written;
                 # compare with the source's MD5 computed by the peer.
-                pre = self._prehash
-                self._prehash = None
-                sums = pre.result() if pre is not None else src.hash_files([a.path for a in group])
+                sums = (
+                    prehash.result()
+                    if prehash is not None
+                    else src.hash_files([a.path for a in group])
+                )
                 for a in group:
                     if sums.get(a.path) == copies[a.path].digest:
                         ok.add(a.path)
