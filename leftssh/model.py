@@ -9,7 +9,7 @@ FILE = "file"
 DIR = "dir"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One file or directory, as seen on one side at scan time.
 
@@ -36,7 +36,7 @@ class Entry:
         return self.kind == other.kind and self.size == other.size and self.mtime == other.mtime
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Skipped:
     """An entry not synced by design (symlink, special file, unsafe name)."""
 
@@ -103,7 +103,7 @@ def mkdir_kind(side: Side) -> Kind:
     return Kind.MKDIR_REMOTE if side is Side.REMOTE else Kind.MKDIR_LOCAL
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Action:
     """One step of a plan.
 
@@ -180,7 +180,7 @@ class Outcome:
 Snapshot = tuple[int, int, int]  # size, whole-second mtime, mode
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BaseEntry:
     """The last agreed state of one path: its kind, content hash, and how each side saw it."""
 
