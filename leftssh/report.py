@@ -14,6 +14,7 @@ from leftssh.model import Kind, Outcome, Status
 from leftssh.paths import display
 
 _OUTPUT_LOCK = threading.RLock()
+LARGE_FILE = 8_000_000
 
 _COUNTED = {
     Kind.UPLOAD: "uploaded",
@@ -105,27 +106,51 @@ class Reporter:
     _lock: threading.RLock = field(default_factory=lambda: _OUTPUT_LOCK)
     _bar: object = None
 
-    def start_progress(self, total_bytes: int, total_files: int) -> None:
-        """Show a progress bar on stderr for ``total_bytes`` to send (if enabled)."""
+    def start_progress(
+        self, total_bytes: int, total_files: int, sizes: dict[str, int] | None = None
+    ) -> None:
+        """Show progress on stderr for ``total_bytes`` to send (if enabled).
+
+        The bar shows bytes, percent and ETA; beside it, files done/total, the
+        rate, and for a large file (>= 8 MB) its own percentage.
+        """
         if not self.progress or self.json_mode or total_bytes <= 0:
             return
         import click
 
-        label = f"{display(self.target)}: {total_files} file(s)"
+        self._p_files = (0, total_files)
+        self._p_sizes = sizes or {}
+        self._p_sent: dict[str, int] = {}
+        self._p_start = time.monotonic()
+        self._p_bytes = 0
         self._bar = click.progressbar(
             length=total_bytes,
-            label=label,
+            label=display(self.target),
             file=self.err,
             show_eta=True,
             show_percent=True,
-            item_show_func=lambda item: display(item) if item else None,
+            show_pos=False,
+            item_show_func=self._progress_text,
         )
         self._bar.__enter__()  # type: ignore[attr-defined]
+
+    def _progress_text(self, path: str | None) -> str | None:
+        done, total = self._p_files
+        elapsed = max(time.monotonic() - self._p_start, 1e-3)
+        text = f"{done}/{total} files, {_size(self._p_bytes / elapsed)}/s"
+        if path:
+            size = self._p_sizes.get(path, 0)
+            text += f", {display(path)}"
+            if size >= LARGE_FILE:
+                text += f" {min(100, 100 * self._p_sent.get(path, 0) // size)}%"
+        return text
 
     def advance(self, nbytes: int, path: str = "") -> None:
         """Count ``nbytes`` sent for ``path`` on the progress bar."""
         if self._bar is not None:
             with self._lock:
+                self._p_bytes += nbytes
+                self._p_sent[path] = self._p_sent.get(path, 0) + nbytes
                 self._bar.update(nbytes, path)  # type: ignore[attr-defined]
 
     def end_progress(self) -> None:
@@ -143,6 +168,9 @@ class Reporter:
                     return
                 self._skips_seen.add(key)
             self.outcomes.append(o)
+            if self._bar is not None and o.action.is_transfer:
+                done, total = self._p_files
+                self._p_files = (done + 1, total)
             if self.json_mode:
                 rec = outcome_record(o, self.target if self.multi else None)
                 self.out.write(json.dumps(rec, ensure_ascii=False) + "\n")

@@ -155,13 +155,15 @@ def oneway(
 
 
 def _start_progress(reporter: Reporter, plan: Plan) -> None:
-    sizes = [a.source.size for a in plan.actions if a.is_transfer and a.source and not a.meta_only]
-    sizes += [
-        (a.local.size if a.local else 0) + (a.remote.size if a.remote else 0)
+    sizes = {
+        a.path: a.source.size
         for a in plan.actions
-        if a.kind is Kind.CONFLICT and a.winner is not None
-    ]
-    reporter.start_progress(sum(sizes), len(sizes))
+        if a.is_transfer and a.source and not a.meta_only
+    }
+    for a in plan.actions:
+        if a.kind is Kind.CONFLICT and a.winner is not None:
+            sizes[a.path] = (a.local.size if a.local else 0) + (a.remote.size if a.remote else 0)
+    reporter.start_progress(sum(sizes.values()), len(sizes), sizes)
 
 
 def _fill_hashes(
