@@ -55,6 +55,15 @@ def parent_of(path: str) -> str:
     return path.rpartition("/")[0]
 
 
+def is_under(path: str, roots: set[str]) -> bool:
+    """Tell whether ``path`` is one of ``roots`` or lies below one of them."""
+    while path and roots:
+        if path in roots:
+            return True
+        path = parent_of(path)
+    return False
+
+
 def depth(path: str) -> int:
     """Number of components in a relative path."""
     return path.count("/") + 1

@@ -14,7 +14,7 @@ from leftssh.model import (
     mkdir_kind,
     transfer_kind,
 )
-from leftssh.paths import depth, parent_of
+from leftssh.paths import depth, is_under
 
 
 def content_differs(src: Entry, dst: Entry, checksum: bool) -> bool:
@@ -104,7 +104,7 @@ def plan_oneway(
         # not "missing" from the source: leave the destination's entry alone.
         held = {s.path for s in src.skipped}
         for path in sorted(dst.entries, key=lambda p: (-depth(p), p)):
-            if path in src.entries or _under(path, held) or src.under_unreadable(path):
+            if path in src.entries or is_under(path, held) or src.under_unreadable(path):
                 continue
             if any(path.startswith(r + "/") for r in replaced):
                 continue
@@ -113,12 +113,3 @@ def plan_oneway(
     mkdirs.sort(key=lambda a: (depth(a.path), a.path))
     skips = [Action(Kind.SKIP, s.path, reason=s.reason) for s in skipped]
     return Plan(actions=actions_pre + mkdirs + transfers + deletes + skips, skipped=skipped)
-
-
-def _under(path: str, roots: set[str]) -> bool:
-    """Tell whether ``path`` is one of ``roots`` or lies below one of them."""
-    while path and roots:
-        if path in roots:
-            return True
-        path = parent_of(path)
-    return False

@@ -25,7 +25,7 @@ from leftssh.model import (
     snapshot,
     transfer_kind,
 )
-from leftssh.paths import depth, parent_of
+from leftssh.paths import depth, is_under, parent_of
 
 POLICIES = ("newer", "local", "remote", "skip")
 
@@ -178,7 +178,7 @@ def plan_sync(
         le, re, b = local.entries.get(path), remote.entries.get(path), base.get(path)
         if local.under_unreadable(path) or remote.under_unreadable(path):
             continue
-        if _under(path, skipped_paths):
+        if is_under(path, skipped_paths):
             # A symlink or special file on one side: never copied, and never
             # a reason to delete or overwrite what the other side has there.
             continue
@@ -261,17 +261,6 @@ def _dirs_with_changes(
                 out.add(parent)
                 parent = parent_of(parent)
     return out
-
-
-def _under(path: str, roots: set[str]) -> bool:
-    """Tell whether ``path`` is one of ``roots`` or lies below one of them."""
-    if not roots:
-        return False
-    while path:
-        if path in roots:
-            return True
-        path = parent_of(path)
-    return False
 
 
 def _winner(policy: str, le: Entry, re: Entry) -> Side | None:
