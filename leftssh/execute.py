@@ -29,7 +29,7 @@ from leftssh.model import (
     transfer_kind,
 )
 from leftssh.paths import PARTIAL_SUFFIX, partial_name, version_tag
-from leftssh.transport.base import HashUnavailable, Transport
+from leftssh.transport.base import HashUnavailable, Transport, matches
 
 BATCH_FILES = 2000
 BATCH_BYTES = 256 << 20
@@ -262,7 +262,7 @@ class Executor:
             elif a.kind in (Kind.DELETE_LOCAL, Kind.DELETE_REMOTE):
                 t.remove(a.path, a.expected)
             elif a.is_transfer and a.meta_only:
-                if not _matches_expected(t.stat(a.path), a.expected):
+                if not matches(t.stat(a.path), a.expected):
                     raise ChangedError("changed since the scan; not touched")
                 assert a.source is not None
                 t.set_attrs(a.path, a.source.mtime, a.source.mode)
@@ -393,7 +393,7 @@ class Executor:
         if self._pool is None:
             # One pool for the whole run: each worker thread keeps its own SFTP channel.
             self._pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="transfer")
-        _wait_all([self._pool.submit(fn, a) for a in actions], self.stop)
+        _wait_all([self._pool.submit(fn, a) for a in actions])
 
     def _start_source_hash(self, actions: list[Action], mode: str) -> Future | None:
         """For downloads, start the peer's MD5 of the sources now, alongside the copies."""
@@ -625,13 +625,7 @@ def _moved(e: Entry, path: str) -> Entry:
     return Entry(path, e.kind, e.size, e.mtime, e.mode, e.md5)
 
 
-def _matches_expected(found: Entry | None, expected: Entry | None) -> bool:
-    from leftssh.transport.base import matches
-
-    return matches(found, expected)
-
-
-def _wait_all(futures: list[Future], stop: threading.Event) -> None:
+def _wait_all(futures: list[Future]) -> None:
     for f in futures:
         f.result()
 

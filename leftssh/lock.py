@@ -17,6 +17,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from leftssh.errors import LockError
+
 LOCK_NAME = ".leftssh.lock"
 HEARTBEAT = 30.0
 STALE_AFTER = 600.0
@@ -75,6 +77,32 @@ def describe(info: dict, where: str) -> str:
         f"{where} is locked by another leftssh run: pid {info.get('pid')} on "
         f"{info.get('host')} ({info.get('command', 'run')} since {info.get('started')})"
     )
+
+
+def take(
+    create: Callable[[bytes], bool],
+    read: Callable[[], tuple[bytes, float] | None],
+    remove: Callable[[], None],
+    where: str,
+    command: str,
+) -> None:
+    """Take a lock through one side's primitives, clearing a stale one; else raise LockError.
+
+    ``create(data)`` makes the lock file exclusively (False: it exists), ``read()``
+    returns its content and mtime (None: it vanished), ``remove()`` deletes it.
+    """
+    for _ in range(3):
+        if create(encode(holder_info(command))):
+            return
+        found = read()
+        if found is None:
+            continue
+        info = decode(found[0])
+        if is_stale(info, time.time() - found[1]):
+            remove()
+            continue
+        raise LockError(describe(info, where))
+    raise LockError(f"{where}: could not take the lock")
 
 
 class Heartbeat:

@@ -31,10 +31,6 @@ class Entry:
     def with_md5(self, md5: str | None) -> Entry:
         return replace(self, md5=md5)
 
-    def same_content_quick(self, other: Entry) -> bool:
-        """Size and whole-second mtime agree (the cheap check, rsync's default)."""
-        return self.kind == other.kind and self.size == other.size and self.mtime == other.mtime
-
 
 @dataclass(frozen=True, slots=True)
 class Skipped:
@@ -54,9 +50,6 @@ class Manifest:
     ignore_files: dict[str, bytes] = field(default_factory=dict)
     unreadable: set[str] = field(default_factory=set)
     exists: bool = True
-
-    def files(self) -> dict[str, Entry]:
-        return {p: e for p, e in self.entries.items() if not e.is_dir}
 
     def under_unreadable(self, path: str) -> bool:
         """Tell whether ``path`` lies in a directory whose listing failed (or is skipped)."""
@@ -145,15 +138,6 @@ class Plan:
 
     actions: list[Action] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
-
-    def of(self, *kinds: Kind) -> list[Action]:
-        return [a for a in self.actions if a.kind in kinds]
-
-    def is_empty(self) -> bool:
-        return not self.actions
-
-    def deletions(self, side: Side) -> list[Action]:
-        return [a for a in self.actions if a.kind == delete_kind(side)]
 
 
 class Status(str, Enum):

@@ -36,15 +36,6 @@ def check_name(name: str) -> str:
     return name
 
 
-def check_relpath(path: str) -> str:
-    """Return ``path`` if it is relative, normalized and free of '..', NUL and empty parts."""
-    if not path or path.startswith("/") or "\x00" in path:
-        raise UnsafePath(f"unsafe path {display(path)}")
-    for part in path.split("/"):
-        check_name(part)
-    return path
-
-
 def join(parent: str, name: str) -> str:
     """Join a relative directory path ('' for the root) and a name."""
     return f"{parent}/{name}" if parent else name

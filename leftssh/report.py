@@ -6,7 +6,6 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -253,7 +252,3 @@ class Reporter:
                 f"{_size(s['bytes'])} sent in {s['seconds']:.2f} s\n"
             )
             self.err.flush()
-
-
-def highest(codes: Iterable[int]) -> int:
-    return max(codes, default=0)

@@ -17,7 +17,7 @@ from leftssh.reconcile import needs_hash_sync, next_base, plan_sync, simulate
 from leftssh.report import Reporter
 from leftssh.safety import DEFAULT_MAX_DELETE, check_max_delete
 from leftssh.state import BaseStore, pair_key
-from leftssh.target import Target, parse_target, resolve_ssh
+from leftssh.target import Target, resolve_ssh
 from leftssh.transport.base import HashUnavailable, Transport
 from leftssh.transport.local import LocalTransport
 
@@ -85,8 +85,16 @@ def combined_rules(base: IgnoreRules, *manifests: Manifest) -> IgnoreRules:
     return rules
 
 
-def target_label(text: str) -> str:
-    return parse_target(text).label()
+def scan_sides(
+    local: Transport, remote: Transport, ignore: IgnoreRules
+) -> tuple[Manifest, Manifest]:
+    """Scan both sides, then drop what the combined ignore rules of both exclude."""
+    local_m = local.scan(ignore)
+    remote_m = remote.scan(ignore)
+    rules = combined_rules(ignore, local_m, remote_m)
+    filter_ignored(local_m, rules)
+    filter_ignored(remote_m, rules)
+    return local_m, remote_m
 
 
 def oneway(
@@ -105,21 +113,15 @@ def oneway(
         raise UsageError(f"local share {local_dir} is not a directory")
     remote = open_remote(target, opts)
     local = LocalTransport(local_dir)
-    locks = _Locks(direction, reporter)
+    locks = _Locks(direction)
     try:
         if not opts.dry_run:
             for t in (local, remote):
                 if t.root_exists():
                     locks.take(t)
-        reporter.info(f"scanning {local.label}")
-        local_m = local.scan(ignore)
-        reporter.info(f"listing {remote.label}")
-        remote_m = remote.scan(ignore)
+        local_m, remote_m = scan_sides(local, remote, ignore)
         if direction == "pull" and not remote_m.exists:
             raise UsageError(f"remote share {remote.label} does not exist")
-        rules = combined_rules(ignore, local_m, remote_m)
-        filter_ignored(local_m, rules)
-        filter_ignored(remote_m, rules)
         if direction == "push":
             src_m, dst_m, dst_side = local_m, remote_m, Side.REMOTE
         else:
@@ -188,7 +190,7 @@ def _fill_hashes(
 class _Locks:
     """Locks taken on each side for one run; released in reverse order."""
 
-    def __init__(self, command: str, reporter: Reporter) -> None:
+    def __init__(self, command: str) -> None:
         self.command = command
         self.held: list[Transport] = []
         self._beat: Heartbeat | None = None
@@ -271,7 +273,7 @@ def sync(
     if remote is None:
         remote = open_remote(target, opts)
     local = LocalTransport(local_dir)
-    locks = _Locks(mode, reporter)
+    locks = _Locks(mode)
     try:
         store = _pair_store(target, opts, remote)
         base = store.load()
@@ -280,11 +282,7 @@ def sync(
             for t in (local, remote):
                 if t.root_exists():
                     locks.take(t)
-        local_m = local.scan(ignore)
-        remote_m = remote.scan(ignore)
-        rules = combined_rules(ignore, local_m, remote_m)
-        filter_ignored(local_m, rules)
-        filter_ignored(remote_m, rules)
+        local_m, remote_m = scan_sides(local, remote, ignore)
         manifests = {Side.LOCAL: local_m, Side.REMOTE: remote_m}
         if not local_m.exists and not remote_m.exists:
             raise UsageError(
@@ -393,13 +391,9 @@ def verify(target: Target, opts: RunOptions, reporter: Reporter, stop: threading
     remote = open_remote(target, opts)
     local = LocalTransport(local_dir)
     try:
-        local_m = local.scan(ignore)
-        remote_m = remote.scan(ignore)
+        local_m, remote_m = scan_sides(local, remote, ignore)
         if not remote_m.exists:
             raise UsageError(f"remote share {remote.label} does not exist")
-        rules = combined_rules(ignore, local_m, remote_m)
-        filter_ignored(local_m, rules)
-        filter_ignored(remote_m, rules)
         both = sorted(
             p
             for p, e in local_m.entries.items()
@@ -466,7 +460,6 @@ def watch(
     last: tuple[int, int] | None = None
     next_remote = 0.0
     remote_fp = 0
-    worst = 0
     last_lock_message = ""
     try:
         while not stop.is_set():
@@ -482,8 +475,7 @@ def watch(
                     remote_fp = _fingerprint(remote.scan(ignore))
                     next_remote = now + remote_interval
                 if last != (local_fp, remote_fp):
-                    code = sync("sync", target, opts, reporter, stop, remote=remote)
-                    worst = max(worst, code)
+                    sync("sync", target, opts, reporter, stop, remote=remote)
                     reporter.info("in sync; watching for changes")
                     # Remember the state seen *before* this sync: whatever the sync changed,
                     # or anyone changed while it ran, differs from it and is synced next

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from leftssh.errors import SafetyError, UsageError
-from leftssh.model import Kind, Manifest, Plan, Side, delete_kind
+from leftssh.model import Manifest, Plan, Side, delete_kind
 
 DEFAULT_MAX_DELETE = "50%"
 
@@ -41,7 +41,3 @@ def check_max_delete(plan: Plan, manifests: dict[Side, Manifest], limit: str) ->
                 f"(--max-delete allows {what}); nothing was changed. "
                 "Check the paths, or pass --force or a larger --max-delete"
             )
-
-
-def count_kind(plan: Plan, kind: Kind) -> int:
-    return sum(1 for a in plan.actions if a.kind == kind)

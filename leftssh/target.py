@@ -29,10 +29,6 @@ class Target:
     port: int | None = None
     path: str = DEFAULT_REMOTE_PATH
 
-    @property
-    def is_local(self) -> bool:
-        return self.local_path is not None
-
     def label(self) -> str:
         """Return the target as shown in output (``user@host:path``)."""
         if self.local_path is not None:

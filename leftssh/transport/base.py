@@ -24,7 +24,6 @@ class Transport(Protocol):
     """
 
     label: str
-    md5_method: str
 
     def root_exists(self) -> bool: ...
 

@@ -8,14 +8,13 @@ import json
 import os
 import stat
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 from leftssh import lock
-from leftssh.errors import ChangedError, LockError, TransferError, UsageError
+from leftssh.errors import ChangedError, TransferError, UsageError
 from leftssh.ignore import IGNORE_FILE, IgnoreRules
 from leftssh.model import DIR, FILE, Entry, Manifest, Skipped
 from leftssh.paths import (
@@ -68,8 +67,6 @@ def _lexists(name: str, dir_fd: int) -> bool:
 
 class LocalTransport:
     """A share directory on this machine."""
-
-    md5_method = "md5"
 
     def __init__(self, root: Path, label: str | None = None) -> None:
         self.root = Path(os.path.abspath(root))
@@ -481,30 +478,32 @@ class LocalTransport:
             _HELD[path] = 1
 
     def _take_lock(self, path: str, command: str) -> None:
-        for _ in range(3):
+        def create(data: bytes) -> bool:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
             except FileExistsError:
-                try:
-                    with open(path, "rb") as f:
-                        info = lock.decode(f.read(4096))
-                    age = time.time() - os.lstat(path).st_mtime
-                except FileNotFoundError:
-                    continue
-                if lock.is_stale(info, age):
-                    try:
-                        os.unlink(path)
-                    except FileNotFoundError:
-                        pass
-                    continue
-                raise LockError(lock.describe(info, self.label)) from None
+                return False
             except OSError as e:
                 raise UsageError(f"cannot lock {self.label}: {_describe(e)}") from e
             with os.fdopen(fd, "wb") as f:
-                f.write(lock.encode(lock.holder_info(command)))
-            self._lock_path = path
-            return
-        raise LockError(f"{self.label}: could not take the lock")
+                f.write(data)
+            return True
+
+        def read() -> tuple[bytes, float] | None:
+            try:
+                with open(path, "rb") as f:
+                    return f.read(4096), os.lstat(path).st_mtime
+            except FileNotFoundError:
+                return None
+
+        def remove() -> None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+        lock.take(create, read, remove, self.label, command)
+        self._lock_path = path
 
     def touch_lock(self) -> None:
         if self._lock_path:

@@ -45,7 +45,6 @@ from leftssh.errors import (
     ConnectError,
     HostKeyError,
     LeftsshError,
-    LockError,
     TransferError,
     UsageError,
 )
@@ -751,7 +750,6 @@ class SFTPTransport:
         self._lock = threading.Lock()
         self._tool: remote_shell.HashTool | None = None
         self._probed = False
-        self.md5_method = "md5"
         self._lock_path: str | None = None
         self._real_root: str | None = None
         sftp = self.client()
@@ -1241,31 +1239,37 @@ class SFTPTransport:
         """Take the remote share's run lock (exclusive create) or raise LockError."""
         sftp = self.client()
         path = self.full(lock.LOCK_NAME)
-        for _ in range(3):
+
+        def create(data: bytes) -> bool:
             try:
                 with sftp.open(path, "wxb") as f:
-                    f.write(lock.encode(lock.holder_info(command)))
-                self._lock_path = path
-                return
-            except OSError as e:
-                try:
-                    with sftp.open(path, "rb") as f:
-                        info = lock.decode(f.read(4096))
-                    age = time.time() - (sftp.stat(path).st_mtime or 0)
-                except FileNotFoundError:
-                    continue
-                except OSError:
-                    raise UsageError(f"cannot lock {self.label}: {e}") from e
-                if lock.is_stale(info, age):
-                    try:
-                        sftp.remove(path)
-                    except OSError:
-                        pass
-                    continue
-                raise LockError(lock.describe(info, self.label)) from None
+                    f.write(data)
+                return True
+            except OSError:
+                return False  # it exists (or vanishes again: read() tells)
             except Exception as e:
                 raise _io_error(e, "taking the lock") from e
-        raise LockError(f"{self.label}: could not take the lock")
+
+        def read() -> tuple[bytes, float] | None:
+            try:
+                with sftp.open(path, "rb") as f:
+                    data = f.read(4096)
+                return data, float(sftp.stat(path).st_mtime or 0)
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                raise UsageError(f"cannot lock {self.label}: {e}") from e
+            except Exception as e:
+                raise _io_error(e, "taking the lock") from e
+
+        def remove() -> None:
+            try:
+                sftp.remove(path)
+            except OSError:
+                pass
+
+        lock.take(create, read, remove, self.label, command)
+        self._lock_path = path
 
     def touch_lock(self) -> None:
         if self._lock_path:
