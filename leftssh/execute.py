@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -33,6 +33,8 @@ from leftssh.transport.base import HashUnavailable, Transport, matches
 
 BATCH_FILES = 2000
 BATCH_BYTES = 256 << 20
+FOLLOW_MIN = 32 << 20  # files this large are hashed by the receiving side as they arrive
+SMALL_FILE = 256 << 10  # uploads up to this size share one request pipeline
 
 
 class VerifyUnavailable(LeftsshError):
@@ -58,6 +60,7 @@ class _Copy:
     resumed_from: int = 0
     sent: int = 0
     digest: str = ""
+    dst_md5: str | None = None  # the receiving side's MD5, when it hashed while receiving
     error: str = ""
     attrs_set: bool = False
 
@@ -348,9 +351,11 @@ class Executor:
                 self._copy_all(todo, copies, resume=False, mode=mode)
                 self._stop_if_asked(todo, copies, sink)
             verified = self._verify(todo, copies, mode, prehash)
-            self._map(
-                lambda a: self._finish(copies[a.path], mode, sink),
+            self._commit_all(
                 [a for a in todo if not copies[a.path].error and a.path in verified],
+                copies,
+                mode,
+                sink,
             )
             retry: list[Action] = []
             for a in todo:
@@ -411,8 +416,71 @@ class Executor:
     def _copy_all(
         self, actions: list[Action], copies: dict[str, _Copy], *, resume: bool, mode: str
     ) -> list[Action]:
-        self._map(lambda a: self._copy_guarded(copies[a.path], resume, mode), actions)
+        small = [a for a in actions if self._pipelined(a)]
+        rest = [a for a in actions if not self._pipelined(a)] if small else actions
+        if small:
+            # What the pipeline could not place goes the one-file-at-a-time way.
+            rest += self._copy_small(small, copies)
+        self._map(lambda a: self._copy_guarded(copies[a.path], resume, mode), rest)
         return actions
+
+    def _pipelined(self, a: Action) -> bool:
+        """Tell whether ``a`` is a small upload that can share one request pipeline."""
+        return (
+            a.kind is Kind.UPLOAD
+            and a.source is not None
+            and a.source.size <= SMALL_FILE
+            and hasattr(self.remote, "put_files")
+            and hasattr(self.local, "read_whole")
+        )
+
+    def _copy_small(self, actions: list[Action], copies: dict[str, _Copy]) -> list[Action]:
+        """Upload small files through one pipeline; return those to retry one by one.
+
+        Each file is read whole and hashed here, then its partial is created, written,
+        given mtime and mode and closed with all requests of many files in flight.
+        Verification and the rename into place follow in the batch's settle stage,
+        exactly as for files copied one at a time.
+        """
+        dst = self.remote
+        started: list[Action] = []
+
+        def items() -> Iterator[tuple[str, bytes, tuple[int, int]]]:
+            for a in actions:
+                c, source = copies[a.path], a.source
+                assert source is not None
+                if self.stop.is_set():
+                    c.error = "interrupted"
+                    continue
+                c.partial = partial_name(a.path, version_tag(source.size, source.mtime))
+                c.error, c.resumed_from, c.dst_md5, c.attrs_set = "", 0, None, False
+                self._drop_stale_partials(a.path, c.partial, Side.REMOTE, dst)
+                try:
+                    data, size, mtime = self.local.read_whole(a.path, source.size + 1)
+                except (TransferError, OSError) as e:
+                    c.error = _message(e)
+                    continue
+                if len(data) != source.size or size != source.size or mtime != source.mtime:
+                    c.error = "source changed during transfer; will retry on the next run"
+                    continue
+                if self._limiter:
+                    self._limiter.consume(len(data))
+                c.digest = hashlib.md5(data).hexdigest()
+                c.sent += len(data)
+                if self.on_bytes is not None:
+                    self.on_bytes(len(data), a.path)
+                started.append(a)
+                yield c.partial, data, (source.mtime, source.mode)
+
+        failed = dst.put_files(items())
+        retry = []
+        for a in started:
+            c = copies[a.path]
+            if c.partial in failed:
+                retry.append(a)
+            else:
+                c.attrs_set = True
+        return retry
 
     def _copy_guarded(self, c: _Copy, resume: bool, mode: str) -> None:
         if self.stop.is_set():
@@ -444,8 +512,10 @@ class Executor:
                 local_t, local_path = (dst, c.partial) if dst is self.local else (src, a.path)
                 hasher = _prefix_hash(local_t, local_path, offset)
         c.resumed_from = offset if resume else c.resumed_from
-        out = dst.open_write(c.partial, offset, (source.mtime, source.mode))
+        follow = mode == "md5" and source.size - offset >= FOLLOW_MIN
+        out = dst.open_write(c.partial, offset, (source.mtime, source.mode), follow=follow)
         c.attrs_set = False
+        c.dst_md5 = None
         sent = 0
         try:
             for block in src.read_chunks(a.path, offset, source.size):
@@ -462,6 +532,7 @@ class Executor:
         finally:
             _write(out, None, dst, c.partial)
         c.attrs_set = bool(getattr(out, "attrs_set", False))
+        c.dst_md5 = getattr(out, "md5", None)
         c.digest = hasher.hexdigest()
         if offset + sent != source.size:
             raise TransferError(
@@ -543,13 +614,42 @@ class Executor:
                     if sums.get(a.path) == copies[a.path].digest:
                         ok.add(a.path)
             else:
-                partials = [copies[a.path].partial for a in group]
-                sums = dst.hash_files(partials)
+                # A partial the receiving side already hashed while it arrived
+                # (large files) needs no second pass, unless that hash disagrees.
+                partials = [
+                    copies[a.path].partial
+                    for a in group
+                    if copies[a.path].dst_md5 != copies[a.path].digest
+                ]
+                sums = dst.hash_files(partials) if partials else {}
                 for a in group:
                     c = copies[a.path]
-                    if sums.get(c.partial) == c.digest:
+                    if c.dst_md5 == c.digest or sums.get(c.partial) == c.digest:
                         ok.add(a.path)
         return ok
+
+    def _commit_all(
+        self, actions: list[Action], copies: dict[str, _Copy], mode: str, sink: list[Outcome] | None
+    ) -> None:
+        """Rename verified partials into place: new remote names in one pipeline, the rest
+        one by one (those re-check what they replace, see ``Transport.commit``)."""
+        rest = actions
+        if hasattr(self.remote, "rename_new"):
+            new = [
+                a
+                for a in actions
+                if a.kind is Kind.UPLOAD and a.expected is None and copies[a.path].attrs_set
+            ]
+            if len(new) > 1:
+                failed = self.remote.rename_new([(copies[a.path].partial, a.path) for a in new])
+                placed = {a.path for a in new if copies[a.path].partial not in failed}
+                for a in new:
+                    if a.path in placed:
+                        self._committed(copies[a.path], mode, sink)
+                # A failed one may have met a name that appeared since the scan:
+                # commit() tells that apart and reports it.
+                rest = [a for a in actions if a.path not in placed]
+        self._map(lambda a: self._finish(copies[a.path], mode, sink), rest)
 
     def _finish(self, c: _Copy, mode: str, sink: list[Outcome] | None) -> None:
         a = c.action
@@ -566,6 +666,11 @@ class Executor:
         except (TransferError, OSError) as e:
             c.error = _message(e)
             return
+        self._committed(c, mode, sink)
+
+    def _committed(self, c: _Copy, mode: str, sink: list[Outcome] | None) -> None:
+        a = c.action
+        assert a.source is not None
         result = a.source.with_md5(c.digest) if mode == "md5" else a.source
         self._out(
             Outcome(

@@ -24,8 +24,11 @@ from hypothesis import strategies as st
 
 from leftssh.transport.remote_shell import (
     EMPTY_MD5,
+    FOLLOW_BLOCK,
     PROBE_COMMAND,
     HashTool,
+    follow_hash_command,
+    follow_hash_request,
     hash_command,
     hash_stdin,
     parse_hash_output,
@@ -618,6 +621,60 @@ def test_prefix_hash_hostile(shell: list[str], tool_env: ToolEnv, tmp_path: Path
     result = _run(shell, prefix_hash_command(tool, "no-root", name, 5), cwd=top, env=env)
     assert parse_prefix_hash(tool, result.stdout) is None
     assert _snapshot(top) == before
+
+
+def _follow_requests(size: int, steps: Sequence[int]) -> bytes:
+    """The requests a writer sends: whole blocks at each acknowledged size, then the rest."""
+    out, asked = [], 0
+    for acked in steps:
+        whole = acked // FOLLOW_BLOCK
+        if whole > asked:
+            out.append(follow_hash_request(asked, whole - asked))
+            asked = whole
+    total = -(-size // FOLLOW_BLOCK)
+    if total > asked:
+        out.append(follow_hash_request(asked, total - asked))
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("tool_env", TOOL_KINDS, indirect=True)
+def test_follow_hash_hostile(shell: list[str], tool_env: ToolEnv, tmp_path: Path) -> None:
+    """The MD5 of the whole file, however the ranges are cut, and never an injection."""
+    tool, env, _ = tool_env
+    top = tmp_path / "top"
+    root = top / "-r $(touch pwned) 'x\""
+    name = "if=-rf $(touch pwned) `touch pwned`;\n'\"\\ *"
+    root.mkdir(parents=True)
+    (root / "subdir").mkdir()
+    for size in (0, 1, FOLLOW_BLOCK, 3 * FOLLOW_BLOCK + 12345):
+        data = os.urandom(size)
+        (root / name).write_bytes(data)
+        before = _snapshot(top)
+        cuts = ([], [size // 2], [FOLLOW_BLOCK, 2 * FOLLOW_BLOCK, size])
+        for root_arg in (str(root), root.name):
+            for steps in cuts:
+                cmd = follow_hash_command(tool, root_arg, name)
+                result = _run(shell, cmd, cwd=top, env=env, stdin=_follow_requests(size, steps))
+                got = parse_prefix_hash(tool, result.stdout)
+                assert got == hashlib.md5(data).hexdigest(), (size, steps, result.stdout)
+        assert _snapshot(top) == before
+    for absent in ("missing", "subdir"):
+        cmd = follow_hash_command(tool, str(root), absent)
+        result = _run(shell, cmd, cwd=top, env=env, stdin=follow_hash_request(0, 1))
+        assert parse_prefix_hash(tool, result.stdout) is None, result.stdout
+    result = _run(shell, follow_hash_command(tool, "no-root", name), cwd=top, env=env)
+    assert parse_prefix_hash(tool, result.stdout) is None
+    assert not list(top.rglob("pwned"))
+
+
+def test_follow_hash_request_checks() -> None:
+    assert follow_hash_request(0, 3) == b"0 3\n"
+    for first, blocks in ((0, 0), (-1, 1), (1, -2), (True, 1)):
+        with pytest.raises(ValueError):
+            follow_hash_request(first, blocks)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        follow_hash_command(HashTool.GNU, "r", "/abs")
 
 
 # ------------------------------------------------------------------------- properties

@@ -40,8 +40,19 @@ class Transport(Protocol):
     def hash_prefix(self, path: str, length: int) -> str | None: ...
 
     def open_write(
-        self, path: str, offset: int, attrs: tuple[int, int] | None = None
-    ) -> BinaryIO: ...
+        self,
+        path: str,
+        offset: int,
+        attrs: tuple[int, int] | None = None,
+        follow: bool = False,
+    ) -> BinaryIO:
+        """Open the partial ``path`` for writing at ``offset``.
+
+        ``attrs`` (mtime, mode) are set when it is closed. ``follow`` asks the receiving
+        side to hash the file while it is written, if it can: the returned writer's
+        ``md5`` attribute then holds that hash after ``close`` (None: not available).
+        """
+        ...
 
     def read_chunks(self, path: str, offset: int, size: int | None = None) -> Iterator[bytes]:
         """Yield the file's bytes from ``offset``.

@@ -75,6 +75,7 @@ class LocalTransport:
         self._cache: dict[str, list] | None = None
         self._cache_dirty = False
         self._lock_path: str | None = None
+        self._real_root: str | None = None
 
     # -- paths -------------------------------------------------------------
 
@@ -100,8 +101,9 @@ class LocalTransport:
         except OSError:
             os.close(fd)
             return self._walk_dir(rel_dir)
-        real_root = os.path.realpath(self.root)
-        if not where.startswith(real_root.rstrip(os.sep) + os.sep):
+        if self._real_root is None:  # resolved once: a root moved later fails safe
+            self._real_root = os.path.realpath(self.root).rstrip(os.sep) + os.sep
+        if not where.startswith(self._real_root):
             os.close(fd)
             raise UnsafePath(f"{display(rel_dir)}: a parent directory leads outside the share")
         return fd
@@ -359,7 +361,35 @@ class LocalTransport:
                     remaining -= len(block)
                 yield block
 
-    def open_write(self, path: str, offset: int, attrs: tuple[int, int] | None = None) -> BinaryIO:
+    def read_whole(self, path: str, limit: int) -> tuple[bytes, int, int]:
+        """Read up to ``limit`` bytes of a small file in one go.
+
+        Returns (data, size, whole-second mtime), the last two taken from the open
+        file after the read, so a file that changed while it was read is noticed.
+        """
+        fd = self._open(path, os.O_RDONLY)
+        try:
+            parts: list[bytes] = []
+            have = 0
+            while have < limit:
+                block = os.read(fd, limit - have)
+                if not block:
+                    break
+                parts.append(block)
+                have += len(block)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return b"".join(parts), st.st_size, int(st.st_mtime)
+
+    def open_write(
+        self,
+        path: str,
+        offset: int,
+        attrs: tuple[int, int] | None = None,
+        follow: bool = False,
+    ) -> BinaryIO:
+        # ``follow`` needs nothing here: the executor hashes what it writes locally.
         if offset:
             fd = self._open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         else:

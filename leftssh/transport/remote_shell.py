@@ -27,6 +27,7 @@ from enum import Enum
 
 __all__ = [
     "EMPTY_MD5",
+    "FOLLOW_BLOCK",
     "PROBE_COMMAND",
     "HashTool",
     "hash_command",
@@ -34,6 +35,8 @@ __all__ = [
     "parse_hash_output",
     "parse_prefix_hash",
     "parse_probe",
+    "follow_hash_command",
+    "follow_hash_request",
     "prefix_hash_command",
 ]
 
@@ -353,15 +356,48 @@ def prefix_hash_command(tool: HashTool, root: str, path: str, length: int) -> st
     :func:`parse_prefix_hash` checks, so a missing or unreadable file never passes
     for the hash of empty input. A file shorter than ``length`` is hashed whole.
     """
-    tool = HashTool(tool)
     count = _check_length(length)
     name = shlex.quote("./" + _check_relpath(path))
-    digest = "md5 -q" if tool is HashTool.BSD else "md5sum"
+    return _hash_stream(tool, root, f"head -c {count} -- {name}", "$?")
+
+
+def _hash_stream(tool: HashTool, root: str, producer: str, status: str) -> str:
+    """In ``root``, pipe what ``producer`` prints into MD5, after a ``status`` marker line."""
+    digest = "md5 -q" if HashTool(tool) is HashTool.BSD else "md5sum"
     return (
         f"cd -- {_quote_root(root)} && "
-        f'{{ {{ head -c {count} -- {name}; echo "{_RC_MARKER.decode()}$?" >&3; }} '
-        f"| {digest}; }} 3>&1"
+        f'{{ {{ {producer}; echo "{_RC_MARKER.decode()}{status}" >&3; }} | {digest}; }} 3>&1'
     )
+
+
+FOLLOW_BLOCK = 1 << 20
+"""The unit, in bytes, of the ranges that :func:`follow_hash_request` asks for."""
+
+
+def follow_hash_command(tool: HashTool, root: str, path: str) -> str:
+    """Return the command that hashes ``root/path`` while it is being written.
+
+    The command reads range requests on stdin (see :func:`follow_hash_request`) and
+    feeds each range, read back from the file with ``dd``, into one running MD5; when
+    stdin ends it prints what :func:`parse_prefix_hash` reads. The writer asks only
+    for bytes the peer has acknowledged, in order, so the hash covers the file as it
+    lies on the receiving side, and is ready moments after the last write instead of
+    after a second full pass. A failed ``dd`` makes the status non-zero: no hash.
+    """
+    operand = shlex.quote("if=./" + _check_relpath(path))
+    loop = (
+        f"s=0; while read -r a n; do "
+        f'dd {operand} bs={FOLLOW_BLOCK} skip="$a" count="$n" 2>/dev/null || s=1; done'
+    )
+    return _hash_stream(tool, root, loop, "$s")
+
+
+def follow_hash_request(first_block: int, blocks: int) -> bytes:
+    """Return the stdin line asking :func:`follow_hash_command` to hash these blocks."""
+    _check_length(first_block)
+    if _check_length(blocks) == 0:
+        raise ValueError("a request needs at least one block")
+    return f"{first_block} {blocks}\n".encode()
 
 
 def parse_prefix_hash(tool: HashTool, stdout: bytes) -> str | None:

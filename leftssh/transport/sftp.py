@@ -16,7 +16,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,12 +29,19 @@ from paramiko.sftp import (
     CMD_FSETSTAT,
     CMD_HANDLE,
     CMD_NAME,
+    CMD_OPEN,
     CMD_OPENDIR,
     CMD_READ,
     CMD_READDIR,
+    CMD_REALPATH,
+    CMD_REMOVE,
+    CMD_RENAME,
     CMD_SETSTAT,
     CMD_STATUS,
     CMD_WRITE,
+    SFTP_FLAG_CREATE,
+    SFTP_FLAG_EXCL,
+    SFTP_FLAG_WRITE,
     int64,
 )
 
@@ -66,6 +73,9 @@ READ_AHEAD = 4 << 20  # bytes of READ requests in flight
 WRITE_AHEAD = 8 << 20  # bytes of WRITE requests not yet acknowledged
 _FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes256-ctr")
 _HASH_BATCH = 2000
+FOLLOW_STEP = 16 << 20  # acknowledged bytes between two range requests to the follower
+PIPELINE_REQUESTS = 256  # requests in flight when many small files are written or renamed
+PIPELINE_BYTES = 8 << 20  # bytes of small files in flight
 _LIST_AHEAD = 32  # directories listed ahead of the scan
 
 
@@ -532,6 +542,62 @@ class _Requests:
         return self.wait(self.pending.popleft())
 
 
+class _Pipeline:
+    """Many requests of one thread in flight, each answer handed to its own callback.
+
+    Callbacks run in the order the requests were sent (answers that come early are
+    kept until then), and get ``(type, message, None)`` or ``(0, None, error)`` for an
+    error status. A stalled or lost connection raises out of :meth:`step`.
+    """
+
+    def __init__(self, sftp: paramiko.SFTPClient) -> None:
+        self._req = _Requests(sftp)
+        self._callbacks: collections.deque[_Callback] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._callbacks)
+
+    def send(self, callback: _Callback, t: int, *args: object) -> None:
+        self._req.send(t, *args)
+        self._callbacks.append(callback)
+
+    def step(self) -> None:
+        callback = self._callbacks.popleft()
+        try:
+            t, msg = self._req.wait_oldest()
+        except Exception as e:
+            if _stops_pipeline(e) or not isinstance(e, OSError):
+                raise
+            callback(0, None, e)
+            return
+        callback(t, msg, None)
+
+    def drain(self) -> None:
+        while self._callbacks:
+            self.step()
+
+
+_Callback = Callable[[int, "paramiko.Message | None", "BaseException | None"], None]
+
+
+def _ignore(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+    pass
+
+
+class _Put:
+    """One small file of :meth:`SFTPTransport.put_files` on its way."""
+
+    __slots__ = ("path", "data", "attrs", "handle", "error", "unsafe")
+
+    def __init__(self, path: str, data: bytes, attrs: tuple[int, int]) -> None:
+        self.path = path
+        self.data = data
+        self.attrs = attrs
+        self.handle: bytes | None = None
+        self.error: BaseException | None = None
+        self.unsafe = False
+
+
 def _stops_pipeline(e: BaseException) -> bool:
     """After this error no further response can be expected on the channel."""
     return isinstance(e, socket.timeout) or _connection_lost(e)
@@ -563,8 +629,11 @@ class _Writer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._closed = False
+        self._ends: collections.deque[int] = collections.deque()
         self.attrs: tuple[int, int] | None = None
         self.attrs_set = False
+        self.follower: _Follower | None = None
+        self.md5: str | None = None
 
     def _send(self, data: bytes) -> None:
         view = memoryview(data)
@@ -572,8 +641,12 @@ class _Writer:
             piece = view[start : start + self._size]
             self._req.send(CMD_WRITE, self._handle, int64(self._pos), piece)
             self._pos += len(piece)
+            self._ends.append(self._pos)
             while len(self._req.pending) > self._depth:
                 self._req.wait_oldest()
+                acked = self._ends.popleft()
+                if self.follower is not None:
+                    self.follower.advance(acked)
 
     def _finish(self) -> None:
         """Send CLOSE after the writes, then collect every response; raise the first error."""
@@ -598,7 +671,11 @@ class _Writer:
                 if _stops_pipeline(e) or not isinstance(e, OSError):
                     break
         if error is not None:
+            self._drop_follower()
             raise error
+        follower, self.follower = self.follower, None
+        if follower is not None:
+            self.md5 = follower.finish(self._pos)
 
     def _run(self) -> None:
         """The helper thread: send queued blocks until None, then finish."""
@@ -617,6 +694,12 @@ class _Writer:
                 self._finish()
             except BaseException as e:
                 self._error = self._error or e
+        self._drop_follower()
+
+    def _drop_follower(self) -> None:
+        follower, self.follower = self.follower, None
+        if follower is not None:
+            follower.abort()
 
     def write(self, data: bytes) -> int:
         if self._error is not None:
@@ -648,6 +731,7 @@ class _Writer:
                 raise _io_error(self._error, "write") from self._error
             return
         if self._error is not None and _stops_pipeline(self._error):
+            self._drop_follower()
             raise _io_error(self._error, "write") from self._error
         try:
             self._finish()
@@ -661,6 +745,63 @@ class _Writer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Follower:
+    """The peer's MD5 of a partial, computed by ``md5sum`` while the partial is written.
+
+    The writer reports how many bytes the peer has acknowledged; every
+    ``FOLLOW_STEP`` of them, the remote command is asked to read the next whole
+    blocks back from the file and add them to its hash. When the file is closed
+    only the tail is left to hash, instead of a second pass over the whole file.
+    This is only ever an early answer: any trouble (the command could not start,
+    a range could not be read, the channel failed) gives None, and the partial is
+    then hashed after it is closed, as every other file is.
+    """
+
+    def __init__(self, chan: paramiko.Channel, tool: remote_shell.HashTool) -> None:
+        self._chan = chan
+        self._tool = tool
+        self._blocks = 0  # blocks asked for so far
+        self._broken = False
+
+    def advance(self, acked: int) -> None:
+        whole = acked // remote_shell.FOLLOW_BLOCK
+        if (whole - self._blocks) * remote_shell.FOLLOW_BLOCK >= FOLLOW_STEP:
+            self._ask(whole)
+
+    def _ask(self, upto: int) -> None:
+        if self._broken:
+            return
+        try:
+            self._chan.sendall(remote_shell.follow_hash_request(self._blocks, upto - self._blocks))
+            self._blocks = upto
+        except Exception:
+            self.abort()
+
+    def finish(self, size: int) -> str | None:
+        """Ask for the rest of the file (``size`` bytes in all); return its MD5, or None."""
+        total = -(-size // remote_shell.FOLLOW_BLOCK)
+        if total > self._blocks:
+            self._ask(total)
+        if self._broken:
+            return None
+        try:
+            self._chan.shutdown_write()
+            out = self._chan.makefile("rb").read()
+            status = self._chan.recv_exit_status()
+        except Exception:
+            return None
+        finally:
+            self.abort()
+        return remote_shell.parse_prefix_hash(self._tool, out) if status == 0 else None
+
+    def abort(self) -> None:
+        self._broken = True
+        try:
+            self._chan.close()
+        except Exception:
+            pass
 
 
 def _read_pipelined(
@@ -820,15 +961,14 @@ class SFTPTransport:
         if not target:
             return
         sftp = self.client()
+        real_root = self._resolved_root(sftp)
         try:
-            if self._real_root is None:
-                self._real_root = sftp.normalize(self.root)
             real = sftp.normalize(self.full(target))
         except FileNotFoundError:
             return  # nothing there to follow: the operation fails on its own
         except Exception as e:
             raise _io_error(e, "resolving a path") from e
-        if real != posixpath.join(self._real_root, target):
+        if real != posixpath.join(real_root, target):
             raise UnsafePath(f"{display(path)}: leads outside the share through a symlink")
 
     # -- reading -------------------------------------------------------------
@@ -1113,8 +1253,18 @@ class SFTPTransport:
             except Exception:
                 pass
 
-    def open_write(self, path: str, offset: int, attrs: tuple[int, int] | None = None) -> BinaryIO:
-        """Open a partial for writing at ``offset``; ``attrs`` (mtime, mode) are set on close."""
+    def open_write(
+        self,
+        path: str,
+        offset: int,
+        attrs: tuple[int, int] | None = None,
+        follow: bool = False,
+    ) -> BinaryIO:
+        """Open a partial for writing at ``offset``; ``attrs`` (mtime, mode) are set on close.
+
+        With ``follow`` (a large file), the peer hashes the partial while it is written;
+        the writer's ``md5`` then holds that hash after ``close`` (None if it failed).
+        """
         sftp = self.client()
         full = self.full(path)
         self._inside(path, whole=bool(offset))
@@ -1131,7 +1281,23 @@ class SFTPTransport:
         writer = _GuardedWriter(f, offset, request, max(2, WRITE_AHEAD // request))
         writer.on_lost = self._t.close
         writer.attrs = attrs
+        if follow:
+            writer.follower = self._follower(path)
+            if writer.follower is not None and offset:
+                writer.follower.advance(offset)
         return writer  # type: ignore[return-value]
+
+    def _follower(self, path: str) -> _Follower | None:
+        tool = self._hash_tool()
+        if tool is None:
+            return None
+        try:
+            chan = self._t.open_session(timeout=self.timeout)
+            chan.settimeout(self.timeout)
+            chan.exec_command(remote_shell.follow_hash_command(tool, self.root, path))
+        except Exception:
+            return None
+        return _Follower(chan, tool)
 
     def _create(self, full: str) -> paramiko.SFTPFile:
         """Create a new partial file exclusively (O_EXCL never follows a symlink).
@@ -1183,6 +1349,152 @@ class SFTPTransport:
             raise
         except Exception as e:
             raise _io_error(e, "rename into place") from e
+
+    def put_files(
+        self, items: Iterable[tuple[str, bytes, tuple[int, int]]]
+    ) -> dict[str, Exception]:
+        """Create and fill many small partials, every request of every file pipelined.
+
+        Each item is (partial path, its whole content, (mtime, mode)), taken from
+        ``items`` only as the pipeline has room. For each, the directory check (a
+        REALPATH) goes out right before the exclusive OPEN, with no round trip between
+        them; then the WRITEs, an FSETSTAT of mtime and mode on the handle and the
+        CLOSE. Returns the failures by partial path (the caller may retry those one by
+        one); a partial that failed after it was created is removed. A stalled or lost
+        connection raises ConnectError.
+        """
+        sftp = self.client()
+        pipe = _Pipeline(sftp)
+        real_root = self._resolved_root(sftp)
+        request = self._request_sizes(sftp)[1]
+        failed: dict[str, Exception] = {}
+        in_flight = [0]
+
+        def fail(put: _Put, error: BaseException) -> None:
+            if put.error is None:
+                put.error = error
+
+        def checked(put: _Put, parent: str) -> _Callback:
+            def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+                if error is None and msg is not None and t == CMD_NAME and msg.get_int() == 1:
+                    if msg.get_text() != posixpath.join(real_root, parent):
+                        put.unsafe = True
+                # A failed check (the directory is gone) lets the OPEN fail on its own.
+
+            return done
+
+        def opened(put: _Put) -> _Callback:
+            def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+                if error is not None or msg is None or t != CMD_HANDLE:
+                    fail(put, error or paramiko.SFTPError("expected a handle"))
+                    finish(put)
+                    return
+                put.handle = handle = msg.get_binary()
+                if put.unsafe:
+                    fail(put, UnsafePath(f"{display(put.path)}: leads outside the share"))
+                else:
+                    view = memoryview(put.data)
+                    for at in range(0, len(view), request):
+                        piece = view[at : at + request]
+                        pipe.send(written(put), CMD_WRITE, handle, int64(at), piece)
+                    attr = paramiko.SFTPAttributes()
+                    attr.st_mtime = attr.st_atime = put.attrs[0]
+                    attr.st_mode = put.attrs[1] & 0o777
+                    pipe.send(written(put), CMD_FSETSTAT, handle, attr)
+                pipe.send(closed(put), CMD_CLOSE, handle)
+
+            return done
+
+        def written(put: _Put) -> _Callback:
+            def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+                if error is not None:
+                    fail(put, error)
+
+            return done
+
+        def closed(put: _Put) -> _Callback:
+            def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+                if error is not None:
+                    fail(put, error)
+                if put.error is not None:
+                    pipe.send(_ignore, CMD_REMOVE, self.full(put.path))
+                finish(put)
+
+            return done
+
+        def finish(put: _Put) -> None:
+            in_flight[0] -= len(put.data)
+            put.data = b""
+            if put.error is not None:
+                failed[put.path] = _io_error(put.error, "write")
+
+        def start(path: str, data: bytes, attrs: tuple[int, int]) -> None:
+            put = _Put(path, data, attrs)
+            in_flight[0] += len(data)
+            full = self.full(path)
+            parent = path.rpartition("/")[0]
+            if parent:
+                pipe.send(checked(put, parent), CMD_REALPATH, self.full(parent))
+            flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL
+            pipe.send(opened(put), CMD_OPEN, full, flags, paramiko.SFTPAttributes())
+
+        source = iter(items)
+        try:
+            while True:
+                while len(pipe) < PIPELINE_REQUESTS and in_flight[0] < PIPELINE_BYTES:
+                    item = next(source, None)
+                    if item is None:
+                        break
+                    start(*item)
+                if not len(pipe):
+                    return failed
+                pipe.step()
+        except BaseException as e:
+            if not _stops_pipeline(e):
+                try:
+                    pipe.drain()  # close every handle before the error goes on
+                except Exception as again:
+                    raise self._error(again, "write") from e
+            if isinstance(e, Exception) and _stops_pipeline(e):
+                raise self._error(e, "write") from e
+            raise
+
+    def rename_new(self, pairs: list[tuple[str, str]]) -> dict[str, Exception]:
+        """Rename many partials to names that held nothing at the scan, pipelined.
+
+        Plain SFTP RENAME never replaces an existing file, so a name that appeared
+        since the scan is not clobbered: that pair fails, like any other that did not
+        go through. Returns the failures by partial path; the caller decides what each
+        one means (see :meth:`commit`).
+        """
+        sftp = self.client()
+        pipe = _Pipeline(sftp)
+        failed: dict[str, Exception] = {}
+
+        def renamed(partial: str) -> _Callback:
+            def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+                if error is not None:
+                    failed[partial] = _io_error(error, "rename into place")
+
+            return done
+
+        try:
+            for partial, path in pairs:
+                while len(pipe) >= PIPELINE_REQUESTS:
+                    pipe.step()
+                pipe.send(renamed(partial), CMD_RENAME, self.full(partial), self.full(path))
+            pipe.drain()
+        except Exception as e:
+            raise self._error(e, "rename into place") from e
+        return failed
+
+    def _resolved_root(self, sftp: paramiko.SFTPClient) -> str:
+        if self._real_root is None:
+            try:
+                self._real_root = sftp.normalize(self.root)
+            except Exception as e:
+                raise _io_error(e, "resolving the share") from e
+        return self._real_root
 
     def mkdir(self, path: str) -> None:
         self._inside(path)

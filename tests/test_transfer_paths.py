@@ -1,0 +1,222 @@
+"""The fast paths of a transfer against a real sshd: the receiving side hashing a large
+partial while it arrives, and the fallback to a hash after the close when it cannot."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from leftssh import cli, execute
+from leftssh.target import parse_target, resolve_ssh
+from leftssh.transport import sftp
+from leftssh.transport.remote_shell import FOLLOW_BLOCK
+from leftssh.transport.sftp import SFTPTransport
+from tests.sshd import Sshd
+
+pytestmark = pytest.mark.usefixtures("sshd")
+
+
+@pytest.fixture
+def remote(sshd: Sshd, tmp_path: Path) -> Iterator[tuple[SFTPTransport, Path]]:
+    root = tmp_path / "peer"
+    root.mkdir()
+    target = parse_target(sshd.target(str(root)))
+    settings = resolve_ssh(
+        target,
+        identity=str(sshd.identity),
+        ssh_config=str(sshd.ssh_config),
+        known_hosts=str(sshd.known_hosts),
+    )
+    t = SFTPTransport(settings, target.path, target.label(), 30.0)
+    try:
+        yield t, root
+    finally:
+        t.close()
+
+
+def _write_all(t: SFTPTransport, name: str, data: bytes, offset: int = 0) -> str | None:
+    out = t.open_write(name, offset, (1_700_000_000, 0o640), follow=True)
+    view = memoryview(data)
+    for at in range(offset, len(data), 300_000):
+        out.write(bytes(view[at : at + 300_000]))
+    out.close()
+    return out.md5  # type: ignore[attr-defined]
+
+
+def test_follower_hashes_the_partial_while_it_is_written(remote, monkeypatch) -> None:
+    t, root = remote
+    monkeypatch.setattr(sftp, "FOLLOW_STEP", FOLLOW_BLOCK)
+    monkeypatch.setattr(sftp, "WRITE_AHEAD", FOLLOW_BLOCK)  # acknowledgements come early
+    asked: list[int] = []
+    real_ask = sftp._Follower._ask
+
+    def spy(self: sftp._Follower, upto: int) -> None:
+        asked.append(upto)
+        real_ask(self, upto)
+
+    monkeypatch.setattr(sftp._Follower, "_ask", spy)
+    data = os.urandom(5 * FOLLOW_BLOCK + 4321)
+    assert _write_all(t, ".big.leftpart", data) == hashlib.md5(data).hexdigest()
+    assert (root / ".big.leftpart").read_bytes() == data
+    # Ranges were asked for while the file was still being written, not only at the end.
+    assert len(asked) >= 2 and asked[-1] == 6, asked
+
+
+def test_follower_covers_the_resumed_prefix(remote, monkeypatch) -> None:
+    t, root = remote
+    monkeypatch.setattr(sftp, "FOLLOW_STEP", FOLLOW_BLOCK)
+    data = os.urandom(4 * FOLLOW_BLOCK + 99)
+    have = 2 * FOLLOW_BLOCK + 17
+    (root / ".big.leftpart").write_bytes(data[:have] + b"stale tail to be cut")
+    assert _write_all(t, ".big.leftpart", data, offset=have) == hashlib.md5(data).hexdigest()
+    assert (root / ".big.leftpart").read_bytes() == data
+
+
+def test_follower_sees_what_is_on_disk_not_what_was_sent(remote, monkeypatch) -> None:
+    """A byte changed in the partial behind the writer's back changes the peer's hash."""
+    t, root = remote
+    monkeypatch.setattr(sftp, "FOLLOW_STEP", 1 << 40)  # everything is hashed at close
+    data = os.urandom(3 * FOLLOW_BLOCK)
+    out = t.open_write(".big.leftpart", 0, None, follow=True)
+    out.write(data)
+    with open(root / ".big.leftpart", "r+b") as f:  # flip one byte once it is on disk
+        f.seek(10)
+        f.write(bytes([data[10] ^ 1]))
+    out.close()
+    assert out.md5 not in (None, hashlib.md5(data).hexdigest())  # type: ignore[attr-defined]
+
+
+def _push(sshd: Sshd, local: Path, remote_dir: Path, state: Path) -> list[dict]:
+    result = CliRunner().invoke(
+        cli.main_group,
+        ["push", sshd.target(str(remote_dir)), "-d", str(local), "--json", *sshd.cli_args()],
+        env={"LEFTSSH_STATE_DIR": str(state)},
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.output.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("peer_hash", ["agrees", "disagrees", "missing"])
+def test_push_uses_the_peer_hash_and_falls_back_when_it_is_not_right(
+    sshd: Sshd, tmp_path: Path, monkeypatch, peer_hash: str
+) -> None:
+    monkeypatch.setattr(execute, "FOLLOW_MIN", 2 * FOLLOW_BLOCK)
+    monkeypatch.setattr(sftp, "FOLLOW_STEP", FOLLOW_BLOCK)
+    if peer_hash != "agrees":
+        forged = "0" * 32 if peer_hash == "disagrees" else None
+        monkeypatch.setattr(sftp._Follower, "finish", lambda self, size: self.abort() or forged)
+    hashed: list[str] = []
+    real_hash = SFTPTransport.hash_files
+
+    def spy(self: SFTPTransport, paths: list[str]) -> dict[str, str]:
+        hashed.extend(paths)
+        return real_hash(self, paths)
+
+    monkeypatch.setattr(SFTPTransport, "hash_files", spy)
+    local, remote_dir = tmp_path / "share", tmp_path / "peer"
+    local.mkdir()
+    big, small = os.urandom(3 * FOLLOW_BLOCK + 5), b"small file\n"
+    (local / "big.bin").write_bytes(big)
+    (local / "small.txt").write_bytes(small)
+    records = _push(sshd, local, remote_dir, tmp_path / "state")
+    done = {r["path"]: r for r in records if "path" in r}
+    assert done["big.bin"]["status"] == "ok" and done["big.bin"]["verified"] == "md5"
+    assert done["small.txt"]["verified"] == "md5"
+    assert (remote_dir / "big.bin").read_bytes() == big
+    assert (remote_dir / "small.txt").read_bytes() == small
+    big_hashed_after = any("big.bin" in p for p in hashed)
+    assert big_hashed_after is (peer_hash != "agrees"), hashed
+    assert any("small.txt" in p for p in hashed)
+
+
+def test_put_files_pipelines_many_small_files(remote) -> None:
+    t, root = remote
+    for d in ("a", "a/b", "c"):
+        (root / d).mkdir()
+    files = {
+        f"{d}/.f{i}.leftpart": os.urandom(i * 37) for d in ("a", "a/b", "c") for i in range(40)
+    }
+    files[".top.leftpart"] = os.urandom(300_000)  # more than one WRITE request
+    items = [
+        (p, data, (1_600_000_000 + i, 0o600 + (i % 2) * 0o40))
+        for i, (p, data) in enumerate(files.items())
+    ]
+    assert t.put_files(iter(items)) == {}
+    for p, data, (mtime, mode) in items:
+        st = (root / p).stat()
+        assert (root / p).read_bytes() == data
+        assert (int(st.st_mtime), st.st_mode & 0o777) == (mtime, mode)
+
+
+def test_put_files_reports_each_failure_and_leaves_nothing_behind(remote, tmp_path) -> None:
+    t, root = remote
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "ok").mkdir()
+    (root / "link").symlink_to(outside)  # a directory swapped for a symlink after the scan
+    (root / "ok" / ".held.leftpart").write_bytes(b"already there")
+    items = [
+        ("ok/.a.leftpart", b"a", (1_600_000_000, 0o644)),
+        ("ok/.held.leftpart", b"new", (1_600_000_000, 0o644)),
+        ("link/.b.leftpart", b"b", (1_600_000_000, 0o644)),
+        ("gone/.c.leftpart", b"c", (1_600_000_000, 0o644)),
+        ("ok/.d.leftpart", b"d", (1_600_000_000, 0o644)),
+    ]
+    failed = t.put_files(items)
+    assert set(failed) == {"ok/.held.leftpart", "link/.b.leftpart", "gone/.c.leftpart"}
+    assert (root / "ok" / ".held.leftpart").read_bytes() == b"already there"
+    assert (root / "ok" / ".a.leftpart").read_bytes() == b"a"
+    assert (root / "ok" / ".d.leftpart").read_bytes() == b"d"
+    assert list(outside.iterdir()) == []
+
+
+def test_rename_new_never_replaces_a_name_that_appeared(remote) -> None:
+    t, root = remote
+    for name in ("one", "two", "three"):
+        (root / f".{name}.leftpart").write_bytes(name.encode())
+    (root / "two").write_bytes(b"appeared since the scan")
+    failed = t.rename_new([(f".{n}.leftpart", n) for n in ("one", "two", "three")])
+    assert set(failed) == {".two.leftpart"}
+    assert (root / "one").read_bytes() == b"one" and (root / "three").read_bytes() == b"three"
+    assert (root / "two").read_bytes() == b"appeared since the scan"
+    assert (root / ".two.leftpart").exists()
+
+
+def test_push_of_small_files_keeps_a_name_that_appears_before_the_rename(
+    sshd: Sshd, tmp_path: Path, monkeypatch
+) -> None:
+    local, remote_dir = tmp_path / "share", tmp_path / "peer"
+    (local / "d").mkdir(parents=True)
+    for i in range(30):
+        (local / "d" / f"f{i}.txt").write_text(f"file {i}\n")
+    real_rename = SFTPTransport.rename_new
+
+    def late_writer(self: SFTPTransport, pairs: list[tuple[str, str]]) -> dict[str, Exception]:
+        (remote_dir / "d" / "f7.txt").write_text("written by someone else\n")
+        return real_rename(self, pairs)
+
+    monkeypatch.setattr(SFTPTransport, "rename_new", late_writer)
+    result = CliRunner().invoke(
+        cli.main_group,
+        ["push", sshd.target(str(remote_dir)), "-d", str(local), "--json", *sshd.cli_args()],
+        env={"LEFTSSH_STATE_DIR": str(tmp_path / "state")},
+        catch_exceptions=False,
+    )
+    records = [json.loads(line) for line in result.output.splitlines() if line.strip()]
+    by_path = {r["path"]: r for r in records if "path" in r}
+    assert by_path["d/f7.txt"]["status"] == "skipped", by_path["d/f7.txt"]
+    assert "appeared since the scan" in by_path["d/f7.txt"]["reason"]
+    assert (remote_dir / "d" / "f7.txt").read_text() == "written by someone else\n"
+    for i in range(30):
+        if i != 7:
+            assert by_path[f"d/f{i}.txt"]["status"] == "ok"
+            assert (remote_dir / "d" / f"f{i}.txt").read_text() == f"file {i}\n"
+    assert not [p for p in remote_dir.rglob("*.leftpart")]
+    assert result.exit_code == 1
