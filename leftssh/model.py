@@ -179,3 +179,22 @@ class BaseEntry:
 
 def snapshot(e: Entry) -> Snapshot:
     return (e.size, e.mtime, e.mode)
+
+
+_SHARED: dict[int, int] = {}
+_SHARED_MAX = 4096
+
+
+def shared_int(value: int) -> int:
+    """Return an int equal to ``value``: the same object as for the equal values before it.
+
+    Each side's scan and the base hold one mtime and one mode per path, mostly repeated
+    values; above 256 each would be its own 32-byte object. The pool is bounded: it
+    starts over when full, so distinct values cost no more than without it.
+    """
+    got = _SHARED.get(value)
+    if got is None:
+        if len(_SHARED) >= _SHARED_MAX:
+            _SHARED.clear()
+        _SHARED[value] = got = value
+    return got

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import stat
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from typing import BinaryIO
 from leftssh import lock
 from leftssh.errors import ChangedError, TransferError, UsageError
 from leftssh.ignore import IGNORE_FILE, IgnoreRules
-from leftssh.model import DIR, FILE, Entry, Manifest, Skipped
+from leftssh.model import DIR, FILE, Entry, Manifest, Skipped, shared_int
 from leftssh.paths import (
     PARTIAL_SUFFIX,
     STATE_DIR,
@@ -71,7 +72,6 @@ class LocalTransport:
     def __init__(self, root: Path, label: str | None = None) -> None:
         self.root = Path(os.path.abspath(root))
         self.label = label or str(self.root)
-        self._stat_keys: dict[str, tuple[int, int, int]] = {}
         self._cache: dict[str, list] | None = None
         self._cache_dirty = False
         self._lock_path: str | None = None
@@ -240,7 +240,8 @@ class LocalTransport:
         if stat.S_ISDIR(st.st_mode):
             if rules.is_ignored(rel, True):
                 return
-            manifest.entries[rel] = Entry(rel, DIR, mtime=int(st.st_mtime))
+            rel = sys.intern(rel)
+            manifest.entries[rel] = Entry(rel, DIR, mtime=shared_int(int(st.st_mtime)))
             stack.append(rel)
             return
         if rules.is_ignored(rel, False):
@@ -248,10 +249,14 @@ class LocalTransport:
         if not stat.S_ISREG(st.st_mode):
             manifest.skipped.append(Skipped(rel, "special file"))
             return
+        rel = sys.intern(rel)
         manifest.entries[rel] = Entry(
-            rel, FILE, size=st.st_size, mtime=int(st.st_mtime), mode=st.st_mode & 0o777
+            rel,
+            FILE,
+            size=st.st_size,
+            mtime=shared_int(int(st.st_mtime)),
+            mode=shared_int(st.st_mode & 0o777),
         )
-        self._stat_keys[rel] = (st.st_size, st.st_mtime_ns, st.st_ino)
 
     def stat(self, path: str) -> Entry | None:
         try:

@@ -14,6 +14,7 @@ import queue
 import socket
 import stat
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -56,7 +57,7 @@ from leftssh.errors import (
     UsageError,
 )
 from leftssh.ignore import IGNORE_FILE, IgnoreRules
-from leftssh.model import DIR, FILE, Entry, Manifest, Skipped
+from leftssh.model import DIR, FILE, Entry, Manifest, Skipped, shared_int
 from leftssh.paths import PARTIAL_SUFFIX, UnsafePath, check_name, display, is_internal, join
 from leftssh.target import SshSettings
 from leftssh.transport import remote_shell
@@ -1098,7 +1099,8 @@ class SFTPTransport:
         if stat.S_ISDIR(mode):
             if rules.is_ignored(rel, True):
                 return
-            manifest.entries[rel] = Entry(rel, DIR, mtime=int(a.st_mtime or 0))
+            rel = sys.intern(rel)
+            manifest.entries[rel] = Entry(rel, DIR, mtime=shared_int(int(a.st_mtime or 0)))
             stack.append(rel)
             return
         if rules.is_ignored(rel, False):
@@ -1106,8 +1108,13 @@ class SFTPTransport:
         if not stat.S_ISREG(mode):
             manifest.skipped.append(Skipped(rel, "special file"))
             return
+        rel = sys.intern(rel)
         manifest.entries[rel] = Entry(
-            rel, FILE, size=a.st_size or 0, mtime=int(a.st_mtime or 0), mode=mode & 0o777
+            rel,
+            FILE,
+            size=a.st_size or 0,
+            mtime=shared_int(int(a.st_mtime or 0)),
+            mode=shared_int(mode & 0o777),
         )
 
     def stat(self, path: str) -> Entry | None:
