@@ -32,6 +32,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leftssh.errors import UsageError
+from leftssh.state import read_base
 from leftssh.target import parse_target
 from leftssh.transport.remote_shell import HashTool, parse_hash_output
 from tests.helpers import REPO_ROOT, Result, tree, write_file
@@ -1379,14 +1380,14 @@ def test_sync_state_survives_sigkill_at_any_moment(sshd: Sshd, zygote: Zygote, w
             torn += bool(list(bases.glob(".*.tmp")))
         run.kill()
         run.wait()
-        for base in bases.glob("*.json"):
-            data = json.loads(base.read_text())  # never torn
-            assert data["format"] == 1 and isinstance(data["entries"], dict)
+        for base in bases.glob("*.base"):
+            with open(base, "rb") as f:
+                assert read_base(f)  # never torn
     assert torn >= 2, "never caught the base being written"
     r = zygote.run(*args, env=env_for(work))
     assert r.code == 0, r
     assert tree(local) == tree(remote)
-    assert [p.name for p in bases.iterdir()] == [p.name for p in bases.glob("*.json")]
+    assert [p.name for p in bases.iterdir()] == [p.name for p in bases.glob("*.base")]
 
 
 def test_two_runs_on_one_share_the_second_exits_7(sshd: Sshd, zygote: Zygote, work) -> None:
