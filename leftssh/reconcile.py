@@ -8,6 +8,7 @@ the tests to check that planning again after a plan yields nothing).
 from __future__ import annotations
 
 import time
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from leftssh.model import (
@@ -162,7 +163,7 @@ def plan_sync(
     when = time.time() if now is None else now
     L, R = Side.LOCAL, Side.REMOTE
     entries = {L: local.entries, R: remote.entries}
-    taken = set(local.entries) | set(remote.entries)
+    taken: set[str] | None = None  # every name in use, made at the first conflict
     conflicts: list[Action] = []
     mkdirs: list[Action] = []
     transfers: list[Action] = []
@@ -173,7 +174,8 @@ def plan_sync(
     held: set[str] = set()
 
     skipped_paths = {s.path for s in skipped}
-    paths = sorted(set(local.entries) | set(remote.entries) | set(base))
+    paths = list(union(local.entries, remote.entries, base))
+    paths.sort()
     for path in paths:
         le, re, b = local.entries.get(path), remote.entries.get(path), base.get(path)
         if local.under_unreadable(path) or remote.under_unreadable(path):
@@ -236,6 +238,8 @@ def plan_sync(
             held.add(path)
             continue
         loser = winner.other
+        if taken is None:
+            taken = set(local.entries) | set(remote.entries)
         keep = conflict_name(path, loser, when, taken)
         conflicts.append(Action(Kind.CONFLICT, path, keep=keep, winner=winner, local=le, remote=re))
         if (le if winner is L else re).is_dir:  # type: ignore[union-attr]
@@ -415,6 +419,20 @@ def _at(e: Entry, path: str) -> Entry:
     return Entry(path, e.kind, e.size, e.mtime, e.mode, e.md5)
 
 
+def union(*maps: Collection[str]) -> Iterator[str]:
+    """Yield each key of ``maps`` once, without building a set of them all."""
+    seen: list[Collection[str]] = []
+    for m in maps:
+        if not seen:
+            yield from m
+        else:
+            yield from (k for k in m if not any(k in s for s in seen))
+        seen.append(m)
+
+
+_DIR_BASE = BaseEntry(DIR)
+
+
 def next_base(
     old: Base,
     local_after: dict[str, Entry],
@@ -422,23 +440,50 @@ def next_base(
     unsettled: set[str],
 ) -> Base:
     """Return the new base: agreed paths recorded, unsettled paths keep their old record."""
-    new: Base = {}
-    for path in set(local_after) | set(remote_after) | set(old):
+    return dict(base_records(old, local_after, remote_after, unsettled))
+
+
+def base_records(
+    old: Base,
+    local_after: Mapping[str, Entry],
+    remote_after: Mapping[str, Entry],
+    unsettled: set[str],
+) -> Iterator[tuple[str, BaseEntry]]:
+    """Yield the records of the new base (see ``next_base``), one path at a time.
+
+    A record equal to the old one is the old object itself, so a new base holds
+    new records only for what changed.
+    """
+    for path in union(local_after, remote_after, old):
+        prev = old.get(path)
         if path in unsettled:
-            if path in old:
-                new[path] = old[path]
+            if prev is not None:
+                yield path, prev
             continue
         le, re = local_after.get(path), remote_after.get(path)
         if le is None or re is None or le.kind != re.kind:
             continue
         if le.is_dir:
-            new[path] = BaseEntry(DIR)
-            continue
-        hashes = {h for h in (le.md5, re.md5) if h}
-        md5 = hashes.pop() if len(hashes) == 1 else None  # never one side's hash for both
-        if md5 is None and path in old and old[path].md5:
-            prev = old[path]
-            if prev.local == snapshot(le) and prev.remote == snapshot(re):
-                md5 = prev.md5
-        new[path] = BaseEntry("file", md5, snapshot(le), snapshot(re))
-    return new
+            rec = _DIR_BASE
+        else:
+            hashes = {h for h in (le.md5, re.md5) if h}
+            md5 = hashes.pop() if len(hashes) == 1 else None  # never one side's hash for both
+            local, remote = snapshot(le), snapshot(re)
+            if remote == local:
+                remote = local
+            if md5 is None and prev is not None and prev.md5:
+                if prev.local == local and prev.remote == remote:
+                    md5 = prev.md5
+            rec = BaseEntry("file", md5, local, remote)
+        yield path, (prev if prev is not None and prev == rec else rec)
+
+
+def same_base(old: Base, records: Iterable[tuple[str, BaseEntry]]) -> bool:
+    """Tell whether ``records`` (each path once) are exactly the base ``old``."""
+    count = 0
+    for path, rec in records:
+        prev = old.get(path)
+        if prev is not rec and prev != rec:
+            return False
+        count += 1
+    return count == len(old)

@@ -13,7 +13,14 @@ from leftssh.ignore import IgnoreRules
 from leftssh.lock import Heartbeat
 from leftssh.model import Action, BaseEntry, Kind, Manifest, Outcome, Plan, Side, Status
 from leftssh.plan import needs_hash_oneway, plan_oneway
-from leftssh.reconcile import needs_hash_sync, next_base, plan_sync, simulate
+from leftssh.reconcile import (
+    base_records,
+    needs_hash_sync,
+    next_base,
+    plan_sync,
+    same_base,
+    simulate,
+)
 from leftssh.report import Reporter
 from leftssh.safety import DEFAULT_MAX_DELETE, check_max_delete
 from leftssh.state import BaseStore, pair_key
@@ -342,9 +349,7 @@ def sync(
         try:
             executor.run(plan)
         finally:
-            after = _base_after(base or {}, local_m, remote_m, executor.outcomes, plan)
-            if base is None or after != base:
-                store.save(after)
+            _save_base(store, base, local_m, remote_m, executor.outcomes, plan)
         return reporter.exit_code()
     finally:
         locks.release()
@@ -353,14 +358,19 @@ def sync(
             remote.close()
 
 
-def _base_after(
-    base: dict[str, BaseEntry],
+def _save_base(
+    store: BaseStore,
+    base: dict[str, BaseEntry] | None,
     local_m: Manifest,
     remote_m: Manifest,
     outcomes: list[Outcome],
     plan: Plan,
-) -> dict[str, BaseEntry]:
-    """The new base: what succeeded is agreed; every other planned path keeps its old record."""
+) -> None:
+    """Save the new base: what succeeded is agreed; every other planned path keeps its old record.
+
+    When that is the base already (a sync with nothing to do), nothing is built or written.
+    """
+    old = base or {}
     done: list[Action] = []
     settled: set[int] = set()
     for o in outcomes:
@@ -378,8 +388,12 @@ def _base_after(
             unsettled.add(a.path)
             if a.keep:
                 unsettled.add(a.keep)
-    local_after, remote_after = simulate(local_m.entries, remote_m.entries, done)
-    return next_base(base, local_after, remote_after, unsettled)
+    if done:
+        local_after, remote_after = simulate(local_m.entries, remote_m.entries, done)
+    else:
+        local_after, remote_after = local_m.entries, remote_m.entries
+    if base is None or not same_base(old, base_records(old, local_after, remote_after, unsettled)):
+        store.save(next_base(old, local_after, remote_after, unsettled))
 
 
 def verify(target: Target, opts: RunOptions, reporter: Reporter, stop: threading.Event) -> int:

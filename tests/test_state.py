@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from leftssh.errors import UsageError
-from leftssh.model import DIR, FILE, BaseEntry
+from leftssh.model import DIR, FILE, BaseEntry, Entry
+from leftssh.reconcile import base_records, next_base, same_base
 from leftssh.state import BaseStore
 from tests.helpers import Result, write_file
 
@@ -198,6 +199,32 @@ def test_a_failed_save_leaves_the_old_base(tmp_path: Path, monkeypatch: pytest.M
     assert s.load() == {"old": BaseEntry(DIR)}
     s.save(BASE)  # the next save removes the orphaned temporary file
     assert [p.name for p in tmp_path.iterdir()] == ["pair.base"]
+
+
+# -- the new base, without building it ------------------------------------------------------
+
+
+def files(**sizes: int) -> dict[str, Entry]:
+    return {p: Entry(p, FILE, size, MTIME, 0o644) for p, size in sizes.items()}
+
+
+def test_same_base_is_true_only_for_the_same_records() -> None:
+    local = files(a=1, b=2)
+    old = next_base({}, local, dict(local), set())
+    assert same_base(old, base_records(old, local, dict(local), set()))
+    assert not same_base(old, base_records(old, files(a=1, b=3), files(a=1, b=3), set()))
+    assert not same_base(old, base_records(old, files(a=1), files(a=1), set()))  # b gone
+    grown = files(a=1, b=2, c=3)
+    assert not same_base(old, base_records(old, grown, dict(grown), set()))
+    assert not same_base({}, base_records({}, local, dict(local), set()))
+
+
+def test_unchanged_records_are_the_old_objects() -> None:
+    local = files(a=1, b=2)
+    old = next_base({}, local, dict(local), set())
+    new = next_base(old, files(a=1, b=5), files(a=1, b=5), set())
+    assert new["a"] is old["a"] and new["b"] != old["b"]
+    assert new["b"].local is new["b"].remote
 
 
 # -- through the command line ---------------------------------------------------------------
