@@ -141,6 +141,12 @@ class Executor:
                 self._verify_mode = "size"
         return self._verify_mode
 
+    def _probe_quietly(self) -> None:
+        try:
+            self.remote.can_hash()
+        except Exception:
+            pass  # verify_mode() asks again and reports what stops the run
+
     # -- the run -------------------------------------------------------------
 
     def run(self, plan: Plan) -> list[Outcome]:
@@ -166,29 +172,36 @@ class Executor:
 
     def _run(self, plan: Plan) -> list[Outcome]:
         if any(_copies_content(a) for a in plan.actions):
-            self.verify_mode()  # may refuse (--verify md5) before anything changed
+            if self.options.verify == "auto":
+                # Probe the peer while the first directories are made; the first
+                # batch waits for the answer (verify_mode) only if it is not in yet.
+                threading.Thread(target=self._probe_quietly, daemon=True).start()
+            else:
+                self.verify_mode()  # may refuse (--verify md5) before anything changed
         conflicts = [a for a in plan.actions if a.kind is Kind.CONFLICT]
         pending: list[Action] = []
+        pending_bytes = 0
         for a in plan.actions:
             self._check_stop()
             if a.kind is Kind.CONFLICT:
                 if conflicts:  # all of them together, where the first one stands
                     if pending:
                         self._transfer_batch(pending, background=True)
-                        pending = []
+                        pending, pending_bytes = [], 0
                     self._settled()
                     self._run_conflicts(conflicts)
                     conflicts = []
                 continue
             if a.is_transfer and not a.meta_only:
                 pending.append(a)
-                if self._batch_full(pending):
+                pending_bytes += a.source.size if a.source else 0
+                if len(pending) >= BATCH_FILES or pending_bytes >= BATCH_BYTES:
                     self._transfer_batch(pending, background=True)
-                    pending = []
+                    pending, pending_bytes = [], 0
                 continue
             if pending:
                 self._transfer_batch(pending, background=True)
-                pending = []
+                pending, pending_bytes = [], 0
             self._settled()
             self._run_simple(a)
         if pending:
@@ -196,10 +209,6 @@ class Executor:
         self._settled()
         self._check_stop()
         return self.outcomes
-
-    def _batch_full(self, pending: list[Action]) -> bool:
-        total = sum(a.source.size for a in pending if a.source)
-        return len(pending) >= BATCH_FILES or total >= BATCH_BYTES
 
     def _run_conflicts(self, actions: list[Action]) -> None:
         """Keep each losing version under ``a.keep`` on both sides; the winner takes the name.

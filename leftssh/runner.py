@@ -92,16 +92,80 @@ def combined_rules(base: IgnoreRules, *manifests: Manifest) -> IgnoreRules:
     return rules
 
 
+class Connecting:
+    """The remote transport, opened on a thread of its own.
+
+    Connecting is mostly waiting for the peer (key exchange, authentication, the
+    SFTP subsystem starting), so the local share is locked and scanned meanwhile.
+    """
+
+    def __init__(self, target: Target, opts: RunOptions) -> None:
+        self._lock = threading.Lock()
+        self._remote: Transport | None = None
+        self._error: BaseException | None = None
+        self._abandoned = False
+        self._thread = threading.Thread(
+            target=self._connect, args=(target, opts), name="connect", daemon=True
+        )
+        self._thread.start()
+
+    def _connect(self, target: Target, opts: RunOptions) -> None:
+        try:
+            remote = open_remote(target, opts)
+        except BaseException as e:
+            self._error = e
+            return
+        with self._lock:
+            self._remote = remote
+            if not self._abandoned:
+                return
+        _close_quietly(remote)
+
+    def result(self) -> Transport:
+        """Wait for the connection; raise what stopped it."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._remote is not None
+        return self._remote
+
+    def abandon(self) -> None:
+        """The run ends before it used the connection: close it whenever it is made."""
+        with self._lock:
+            self._abandoned = True
+            remote = self._remote
+        if remote is not None:
+            _close_quietly(remote)
+
+
 def scan_sides(
-    local: Transport, remote: Transport, ignore: IgnoreRules
-) -> tuple[Manifest, Manifest]:
-    """Scan both sides, then drop what the combined ignore rules of both exclude."""
+    local: Transport,
+    remote: Transport | Connecting,
+    ignore: IgnoreRules,
+    locks: _Locks | None = None,
+) -> tuple[Transport, Manifest, Manifest]:
+    """Lock (with ``locks``) and scan each side, then drop what the combined ignore
+    rules of both exclude. The local side goes first, while ``remote`` may still be
+    connecting; returns the connected remote transport and the two manifests."""
+    if locks is not None and local.root_exists():
+        locks.take(local)
     local_m = local.scan(ignore)
+    if isinstance(remote, Connecting):
+        remote = remote.result()
+    if locks is not None and remote.root_exists():
+        locks.take(remote)
     remote_m = remote.scan(ignore)
     rules = combined_rules(ignore, local_m, remote_m)
     filter_ignored(local_m, rules)
     filter_ignored(remote_m, rules)
-    return local_m, remote_m
+    return remote, local_m, remote_m
+
+
+def _close_remote(remote: Transport | None, pending: Connecting | None) -> None:
+    if remote is not None:
+        _close_quietly(remote)
+    elif pending is not None:
+        pending.abandon()
 
 
 def oneway(
@@ -118,15 +182,14 @@ def oneway(
         raise UsageError(f"local share {local_dir} does not exist (use -d to choose another)")
     if local_dir.exists() and not local_dir.is_dir():
         raise UsageError(f"local share {local_dir} is not a directory")
-    remote = open_remote(target, opts)
+    pending = Connecting(target, opts)
+    remote: Transport | None = None
     local = LocalTransport(local_dir)
     locks = _Locks(direction)
     try:
-        if not opts.dry_run:
-            for t in (local, remote):
-                if t.root_exists():
-                    locks.take(t)
-        local_m, remote_m = scan_sides(local, remote, ignore)
+        remote, local_m, remote_m = scan_sides(
+            local, pending, ignore, None if opts.dry_run else locks
+        )
         if direction == "pull" and not remote_m.exists:
             raise UsageError(f"remote share {remote.label} does not exist")
         if direction == "push":
@@ -160,7 +223,7 @@ def oneway(
     finally:
         locks.release()
         local.close()
-        remote.close()
+        _close_remote(remote, pending)
 
 
 def _start_progress(reporter: Reporter, plan: Plan) -> None:
@@ -277,19 +340,16 @@ def sync(
         raise UsageError(f"local share {local_dir} is not a directory")
     read_only = mode == "status" or opts.dry_run
     owned = remote is None
-    if remote is None:
-        remote = open_remote(target, opts)
+    pending = Connecting(target, opts) if remote is None else None
     local = LocalTransport(local_dir)
     locks = _Locks(mode)
     try:
+        remote, local_m, remote_m = scan_sides(
+            local, pending or remote, ignore, None if read_only else locks
+        )
         store = _pair_store(target, opts, remote)
         base = store.load()
         reporter.info(f"sync state: {store.path}" + ("" if base is not None else " (none yet)"))
-        if not read_only:
-            for t in (local, remote):
-                if t.root_exists():
-                    locks.take(t)
-        local_m, remote_m = scan_sides(local, remote, ignore)
         manifests = {Side.LOCAL: local_m, Side.REMOTE: remote_m}
         if not local_m.exists and not remote_m.exists:
             raise UsageError(
@@ -355,7 +415,7 @@ def sync(
         locks.release()
         local.close()
         if owned:
-            remote.close()
+            _close_remote(remote, pending)
 
 
 def _save_base(
@@ -402,10 +462,11 @@ def verify(target: Target, opts: RunOptions, reporter: Reporter, stop: threading
     ignore = IgnoreRules.from_project(local_dir)
     if not local_dir.is_dir():
         raise UsageError(f"local share {local_dir} does not exist")
-    remote = open_remote(target, opts)
+    pending = Connecting(target, opts)
+    remote: Transport | None = None
     local = LocalTransport(local_dir)
     try:
-        local_m, remote_m = scan_sides(local, remote, ignore)
+        remote, local_m, remote_m = scan_sides(local, pending, ignore)
         if not remote_m.exists:
             raise UsageError(f"remote share {remote.label} does not exist")
         both = sorted(
@@ -437,7 +498,7 @@ def verify(target: Target, opts: RunOptions, reporter: Reporter, stop: threading
         return 1 if differ else 0
     finally:
         local.close()
-        remote.close()
+        _close_remote(remote, pending)
 
 
 def _fingerprint(manifest: Manifest) -> int:

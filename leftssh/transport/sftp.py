@@ -892,6 +892,7 @@ class SFTPTransport:
         self._lock = threading.Lock()
         self._tool: remote_shell.HashTool | None = None
         self._probed = False
+        self._probe_lock = threading.Lock()
         self._lock_path: str | None = None
         self._real_root: str | None = None
         sftp = self.client()
@@ -1177,7 +1178,7 @@ class SFTPTransport:
 
     def _hash_tool(self) -> remote_shell.HashTool | None:
         if not self._probed:
-            with self._lock:
+            with self._probe_lock:
                 if not self._probed:
                     try:
                         status, out, _ = self.run(remote_shell.PROBE_COMMAND)
