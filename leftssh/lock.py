@@ -5,7 +5,8 @@ The lock is a file ``.leftssh.lock`` at the share root, created exclusively
 is stale when its holder is a process on this machine that no longer exists,
 or when nobody refreshed it for ``STALE_AFTER`` seconds (the holder touches it
 every ``HEARTBEAT`` seconds, so a holder on another machine that died is
-detected after that delay).
+detected after that delay). A lock file that stays empty for ``TORN_AFTER``
+seconds is torn: its taker was killed between creating and writing it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from leftssh.errors import LockError
 LOCK_NAME = ".leftssh.lock"
 HEARTBEAT = 30.0
 STALE_AFTER = 600.0
+TORN_AFTER = 2.0  # seconds a lock file found without its holder is given to get one
 
 
 def holder_info(command: str) -> dict:
@@ -91,18 +93,51 @@ def take(
     ``create(data)`` makes the lock file exclusively (False: it exists), ``read()``
     returns its content and mtime (None: it vanished), ``remove()`` deletes it.
     """
+    mine = holder_info(command)
     for _ in range(3):
-        if create(encode(holder_info(command))):
-            return
+        if create(encode(mine)):
+            # A run that found this file empty (torn, below) and removed it while we
+            # were writing it would take the lock as well: make sure it is still ours.
+            found = read()
+            if found is not None and decode(found[0]) == mine:
+                return
+            raise LockError(f"{where}: another leftssh run took the lock at the same moment")
         found = read()
         if found is None:
             continue
         info = decode(found[0])
+        if not info:
+            # Empty or unreadable: its taker is writing it right now, or was killed
+            # between creating and writing it. Give a live taker time to finish.
+            found = _settled(read, found)
+            if found is None:
+                continue
+            info = decode(found[0])
+            if not info:  # still without a holder: torn
+                remove()
+                continue
         if is_stale(info, time.time() - found[1]):
             remove()
             continue
         raise LockError(describe(info, where))
     raise LockError(f"{where}: could not take the lock")
+
+
+def _settled(
+    read: Callable[[], tuple[bytes, float] | None], found: tuple[bytes, float]
+) -> tuple[bytes, float] | None:
+    """Re-read a lock found without a holder until it has one, for ``TORN_AFTER`` seconds.
+
+    Timed here (not from the file's mtime), so a peer's clock does not matter.
+    """
+    deadline = time.monotonic() + TORN_AFTER
+    while not decode(found[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        again = read()
+        if again is None:
+            return None
+        found = again
+    return found
 
 
 class Heartbeat:

@@ -220,3 +220,60 @@ def test_push_of_small_files_keeps_a_name_that_appears_before_the_rename(
             assert (remote_dir / "d" / f"f{i}.txt").read_text() == f"file {i}\n"
     assert not [p for p in remote_dir.rglob("*.leftpart")]
     assert result.exit_code == 1
+
+
+def test_locks_appear_whole_and_leave_no_temporary_file(remote, tmp_path) -> None:
+    """A lock file is linked or renamed into place already holding its holder, so a run
+    killed while taking it never leaves an empty lock behind."""
+    from leftssh.errors import LockError
+    from leftssh.transport.local import LocalTransport
+
+    t, root = remote
+    local_root = tmp_path / "share"
+    local_root.mkdir()
+    local = LocalTransport(local_root)
+    for side, where in ((t, root), (local, local_root)):
+        side.acquire_lock("sync")
+        assert json.loads((where / ".leftssh.lock").read_text())["pid"] == os.getpid()
+        assert sorted(p.name for p in where.iterdir()) == [".leftssh.lock"]
+    # Held by another live process on this host: the next taker is refused, and cleans up.
+    for side, where in ((t, root), (local, local_root)):
+        held = json.loads((where / ".leftssh.lock").read_text())
+        side.release_lock()
+        held["pid"] = os.getppid()
+        (where / ".leftssh.lock").write_text(json.dumps(held))
+        with pytest.raises(LockError, match="locked by another leftssh run: pid"):
+            side.acquire_lock("sync")
+        assert sorted(p.name for p in where.iterdir()) == [".leftssh.lock"]
+
+
+@pytest.mark.parametrize("side_name", ["remote", "local"])
+def test_a_lock_left_empty_by_a_killed_taker_is_cleared(remote, tmp_path, side_name) -> None:
+    """Killed between creating and writing its lock, a run leaves an empty lock file:
+    the next run waits briefly for a holder to appear, then takes the lock."""
+    import threading
+    import time
+
+    from leftssh import lock
+    from leftssh.errors import LockError
+    from leftssh.transport.local import LocalTransport
+
+    t, root = remote
+    if side_name == "local":
+        root = tmp_path / "share"
+        root.mkdir()
+        t = LocalTransport(root)
+    (root / ".leftssh.lock").write_bytes(b"")
+    started = time.monotonic()
+    t.acquire_lock("sync")
+    assert time.monotonic() - started >= lock.TORN_AFTER * 0.9
+    assert json.loads((root / ".leftssh.lock").read_text())["pid"] == os.getpid()
+    t.release_lock()
+    # A taker that is only slow to write its lock is waited for, and then honoured.
+    (root / ".leftssh.lock").write_bytes(b"")
+    holder = {**lock.holder_info("push"), "pid": os.getppid()}
+    late = threading.Timer(0.5, (root / ".leftssh.lock").write_bytes, [lock.encode(holder)])
+    late.start()
+    with pytest.raises(LockError, match=f"pid {os.getppid()}"):
+        t.acquire_lock("sync")
+    late.join()

@@ -588,15 +588,13 @@ def _ignore(t: int, msg: paramiko.Message | None, error: BaseException | None) -
 class _Put:
     """One small file of :meth:`SFTPTransport.put_files` on its way."""
 
-    __slots__ = ("path", "data", "attrs", "handle", "error", "unsafe")
+    __slots__ = ("path", "data", "attrs", "error")
 
     def __init__(self, path: str, data: bytes, attrs: tuple[int, int]) -> None:
         self.path = path
         self.data = data
         self.attrs = attrs
-        self.handle: bytes | None = None
         self.error: BaseException | None = None
-        self.unsafe = False
 
 
 def _stops_pipeline(e: BaseException) -> bool:
@@ -1364,12 +1362,13 @@ class SFTPTransport:
         """Create and fill many small partials, every request of every file pipelined.
 
         Each item is (partial path, its whole content, (mtime, mode)), taken from
-        ``items`` only as the pipeline has room. For each, the directory check (a
-        REALPATH) goes out right before the exclusive OPEN, with no round trip between
-        them; then the WRITEs, an FSETSTAT of mtime and mode on the handle and the
-        CLOSE. Returns the failures by partial path (the caller may retry those one by
-        one); a partial that failed after it was created is removed. A stalled or lost
-        connection raises ConnectError.
+        ``items`` only as the pipeline has room. For each, the directory is checked
+        first (a REALPATH must resolve inside the share); only its answer sends the
+        exclusive OPEN, then the WRITEs, an FSETSTAT of mtime and mode on the handle
+        and the CLOSE. Many files are at different steps at once. Returns the failures
+        by partial path (the caller may retry those one by one); a partial that failed
+        after it was created is removed. A stalled or lost connection raises
+        ConnectError.
         """
         sftp = self.client()
         pipe = _Pipeline(sftp)
@@ -1384,12 +1383,20 @@ class SFTPTransport:
 
         def checked(put: _Put, parent: str) -> _Callback:
             def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
-                if error is None and msg is not None and t == CMD_NAME and msg.get_int() == 1:
-                    if msg.get_text() != posixpath.join(real_root, parent):
-                        put.unsafe = True
-                # A failed check (the directory is gone) lets the OPEN fail on its own.
+                if error is not None or msg is None or t != CMD_NAME or msg.get_int() != 1:
+                    fail(put, error or paramiko.SFTPError("cannot resolve the directory"))
+                elif msg.get_text() != posixpath.join(real_root, parent):
+                    fail(put, UnsafePath(f"{display(put.path)}: leads outside the share"))
+                if put.error is not None:
+                    finish(put)
+                    return
+                open_partial(put)
 
             return done
+
+        def open_partial(put: _Put) -> None:
+            flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL
+            pipe.send(opened(put), CMD_OPEN, self.full(put.path), flags, paramiko.SFTPAttributes())
 
         def opened(put: _Put) -> _Callback:
             def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
@@ -1397,18 +1404,15 @@ class SFTPTransport:
                     fail(put, error or paramiko.SFTPError("expected a handle"))
                     finish(put)
                     return
-                put.handle = handle = msg.get_binary()
-                if put.unsafe:
-                    fail(put, UnsafePath(f"{display(put.path)}: leads outside the share"))
-                else:
-                    view = memoryview(put.data)
-                    for at in range(0, len(view), request):
-                        piece = view[at : at + request]
-                        pipe.send(written(put), CMD_WRITE, handle, int64(at), piece)
-                    attr = paramiko.SFTPAttributes()
-                    attr.st_mtime = attr.st_atime = put.attrs[0]
-                    attr.st_mode = put.attrs[1] & 0o777
-                    pipe.send(written(put), CMD_FSETSTAT, handle, attr)
+                handle = msg.get_binary()
+                view = memoryview(put.data)
+                for at in range(0, len(view), request):
+                    piece = view[at : at + request]
+                    pipe.send(written(put), CMD_WRITE, handle, int64(at), piece)
+                attr = paramiko.SFTPAttributes()
+                attr.st_mtime = attr.st_atime = put.attrs[0]
+                attr.st_mode = put.attrs[1] & 0o777
+                pipe.send(written(put), CMD_FSETSTAT, handle, attr)
                 pipe.send(closed(put), CMD_CLOSE, handle)
 
             return done
@@ -1439,12 +1443,11 @@ class SFTPTransport:
         def start(path: str, data: bytes, attrs: tuple[int, int]) -> None:
             put = _Put(path, data, attrs)
             in_flight[0] += len(data)
-            full = self.full(path)
             parent = path.rpartition("/")[0]
             if parent:
                 pipe.send(checked(put, parent), CMD_REALPATH, self.full(parent))
-            flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL
-            pipe.send(opened(put), CMD_OPEN, full, flags, paramiko.SFTPAttributes())
+            else:
+                open_partial(put)
 
         source = iter(items)
         try:
