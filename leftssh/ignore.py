@@ -28,8 +28,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
-import pathspec
-
 from leftssh.errors import UsageError
 
 IGNORE_FILE = ".leftignore"
@@ -200,6 +198,8 @@ def _parse_bracket(p: str, i: int) -> tuple[str, int] | None:
 
 def _compile_body(text: str) -> str | None:
     """Compile a pathspec pattern to a regex source; None if it is a no-op or invalid."""
+    import pathspec  # here, not at start-up: a share without ignore rules never needs it
+
     try:
         spec = pathspec.GitIgnoreSpec.from_lines([text])
     except ValueError:  # GitIgnorePatternError

@@ -97,11 +97,12 @@ def take(
     for _ in range(3):
         if create(encode(mine)):
             # A run that found this file empty (torn, below) and removed it while we
-            # were writing it would take the lock as well: make sure it is still ours.
+            # were writing it would take the lock as well: make sure it is not theirs.
             found = read()
-            if found is not None and decode(found[0]) == mine:
-                return
-            raise LockError(f"{where}: another leftssh run took the lock at the same moment")
+            holder = decode(found[0]) if found is not None else None
+            if holder is None or (holder and holder != mine):
+                raise LockError(f"{where}: another leftssh run took the lock at the same moment")
+            return
         found = read()
         if found is None:
             continue

@@ -178,6 +178,12 @@ def plan_sync(
     paths.sort()
     for path in paths:
         le, re, b = local.entries.get(path), remote.entries.get(path), base.get(path)
+        cl = change_of(le, b, L, checksum)
+        cr = change_of(re, b, R, checksum)
+        if not cl.changed and not cr.changed:
+            # Unchanged on both sides (so both are of the base's kind): nothing to do,
+            # whatever the checks below would say. Most paths of most syncs end here.
+            continue
         if local.under_unreadable(path) or remote.under_unreadable(path):
             continue
         if is_under(path, skipped_paths):
@@ -186,8 +192,6 @@ def plan_sync(
             continue
         if any(path.startswith(h + "/") for h in held):
             continue
-        cl = change_of(le, b, L, checksum)
-        cr = change_of(re, b, R, checksum)
         if le is not None and re is not None and le.is_dir != re.is_dir:
             holder = L if le.is_dir else R
             if path in dirty[holder] and not (cl if holder is L else cr).changed:

@@ -73,10 +73,15 @@ def open_remote(target: Target, opts: RunOptions) -> Transport:
     return SFTPTransport(settings, target.path, target.label(), opts.timeout)
 
 
-def filter_ignored(manifest: Manifest, rules: IgnoreRules) -> None:
-    """Drop entries the combined ignore rules exclude (both sides use the same rules)."""
-    for path in [p for p, e in manifest.entries.items() if rules.is_ignored(p, e.is_dir)]:
-        del manifest.entries[path]
+def filter_ignored(manifest: Manifest, rules: IgnoreRules, entries: bool = True) -> None:
+    """Drop entries the combined ignore rules exclude (both sides use the same rules).
+
+    ``entries=False`` filters only what was reported as skipped: the scan already
+    applied these very rules to the entries.
+    """
+    if entries:
+        for path in [p for p, e in manifest.entries.items() if rules.is_ignored(p, e.is_dir)]:
+            del manifest.entries[path]
     manifest.skipped = [s for s in manifest.skipped if not rules.is_ignored(s.path, False)]
 
 
@@ -156,8 +161,11 @@ def scan_sides(
         locks.take(remote)
     remote_m = remote.scan(ignore)
     rules = combined_rules(ignore, local_m, remote_m)
-    filter_ignored(local_m, rules)
-    filter_ignored(remote_m, rules)
+    # Each scan applied the project rules and its own side's .leftignore files; when
+    # both sides hold the same ones, those are already the combined rules.
+    again = local_m.ignore_files != remote_m.ignore_files
+    filter_ignored(local_m, rules, entries=again)
+    filter_ignored(remote_m, rules, entries=again)
     return remote, local_m, remote_m
 
 

@@ -1098,3 +1098,22 @@ def test_compression_and_bwlimit(sshd, run_leftssh, work):
     (upload,), _ = check_output(r)
     assert upload["bytes"] == 18 * 20_000 and upload["verified"] == "md5"
     assert tree(remote) == tree(local)
+
+
+def test_match_exec_in_the_ssh_config_still_works_though_invoke_loads_late(tmp_path):
+    """paramiko's ``invoke`` is loaded only when a ``Match exec`` line needs it."""
+    config = tmp_path / "ssh_config"
+    config.write_text('Match exec "true"\n    HostName 127.0.0.9\n    Port 2299\n')
+    script = f"""
+import sys
+import leftssh.transport.sftp
+from leftssh.target import parse_target, resolve_ssh
+assert "invoke.context" not in sys.modules, "invoke was loaded at start-up"
+s = resolve_ssh(parse_target("somehost:/x"), ssh_config={str(config)!r})
+assert (s.hostname, s.port) == ("127.0.0.9", 2299), (s.hostname, s.port)
+assert "invoke.context" in sys.modules
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
