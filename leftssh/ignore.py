@@ -489,6 +489,8 @@ class IgnoreRules:
         Deeper ignore files win over shallower ones and later patterns over earlier ones;
         ``!`` re-includes, except below an ignored directory.
         """
+        if not self._root and not self._nested:
+            return False  # no patterns at all
         p = _raw(path.strip("/"))
         if not p:
             return False

@@ -104,8 +104,11 @@ def needs_hash_sync(base: Base, local: Manifest, remote: Manifest, checksum: boo
         if le.is_dir:
             continue
         if re is not None and not re.is_dir:
-            cl, cr = change_of(le, b, Side.LOCAL), change_of(re, b, Side.REMOTE)
-            if cl.changed and cr.changed and le.size == re.size:
+            if (
+                le.size == re.size
+                and change_of(le, b, Side.LOCAL).changed
+                and change_of(re, b, Side.REMOTE).changed
+            ):
                 if checksum or le.mtime != re.mtime or b is not None:
                     out.append(path)
                 continue
@@ -170,7 +173,7 @@ def plan_sync(
     deletes: list[Action] = []
     skips: list[Action] = []
     skipped: list[Skipped] = list(local.skipped) + list(remote.skipped)
-    dirty = {side: _dirs_with_changes(base, entries[side], side, checksum) for side in (L, R)}
+    dirty: dict[Side, set[str]] = {}  # made when first needed (a file replaced a dir)
     held: set[str] = set()
 
     skipped_paths = {s.path for s in skipped}
@@ -194,6 +197,8 @@ def plan_sync(
             continue
         if le is not None and re is not None and le.is_dir != re.is_dir:
             holder = L if le.is_dir else R
+            if holder not in dirty:
+                dirty[holder] = _dirs_with_changes(base, entries[holder], holder, checksum)
             if path in dirty[holder] and not (cl if holder is L else cr).changed:
                 # A file replaced this directory on one side while the other side changed
                 # something inside it: replacing the directory would lose that change.
