@@ -542,6 +542,12 @@ class _Requests:
     def wait_oldest(self) -> tuple[int, paramiko.Message]:
         return self.wait(self.pending.popleft())
 
+    def ready(self) -> bool:
+        """Tell whether the oldest answer can be had without waiting for the peer."""
+        return bool(self.pending) and (
+            self.pending[0] in self._early or self.sftp.sock.recv_ready()
+        )
+
 
 class _Pipeline:
     """Many requests of one thread in flight, each answer handed to its own callback.
@@ -551,18 +557,53 @@ class _Pipeline:
     error status. A stalled or lost connection raises out of :meth:`step`.
     """
 
+    _COALESCE = 64 << 10  # queued request bytes sent in one go
+
     def __init__(self, sftp: paramiko.SFTPClient) -> None:
         self._req = _Requests(sftp)
         self._callbacks: collections.deque[_Callback] = collections.deque()
+        self._out: list[bytes] = []
+        self._queued = 0
 
     def __len__(self) -> int:
         return len(self._callbacks)
 
     def send(self, callback: _Callback, t: int, *args: object) -> None:
-        self._req.send(t, *args)
+        """Queue a request; queued requests leave together, before the next wait.
+
+        Many small requests then share SSH packets (one encryption and one write
+        for several), instead of one packet each.
+        """
+        sftp = self._req.sftp
+        sftp._send_packet = self._queue  # type: ignore[method-assign]
+        try:
+            self._req.send(t, *args)
+        finally:
+            del sftp._send_packet
         self._callbacks.append(callback)
+        if self._queued >= self._COALESCE:
+            self.flush()
+
+    def _queue(self, t: int, packet: paramiko.Message) -> None:
+        data = packet.asbytes()
+        self._out.append(_U32.pack(len(data) + 1) + bytes((t,)) + data)
+        self._queued += len(data) + 5
+
+    def flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            self._queued = 0
+            self._req.sftp._write_all(data)
 
     def step(self) -> None:
+        """Send what is queued, then handle the oldest answer and every one already in."""
+        self.flush()
+        self._answer()
+        while self._callbacks and self._req.ready():
+            self._answer()
+
+    def _answer(self) -> None:
         callback = self._callbacks.popleft()
         try:
             t, msg = self._req.wait_oldest()
