@@ -277,3 +277,19 @@ def test_a_lock_left_empty_by_a_killed_taker_is_cleared(remote, tmp_path, side_n
     with pytest.raises(LockError, match=f"pid {os.getppid()}"):
         t.acquire_lock("sync")
     late.join()
+
+
+def test_read_whole_reads_a_small_file_in_one_go_and_reports_its_size(tmp_path) -> None:
+    from leftssh.transport.local import LocalTransport
+
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "small").write_bytes(b"abc")
+    (tmp_path / "big").write_bytes(b"x" * 300_000)
+    os.utime(tmp_path / "small", (1_600_000_000, 1_600_000_000))
+    t = LocalTransport(tmp_path)
+    assert t.read_whole("empty", 1) == (b"", 0, int((tmp_path / "empty").stat().st_mtime))
+    assert t.read_whole("small", 4) == (b"abc", 3, 1_600_000_000)
+    # A file longer than the scan said: at most ``limit`` bytes, and the size it has now.
+    assert t.read_whole("small", 2) == (b"ab", 3, 1_600_000_000)
+    data, size, _ = t.read_whole("big", 300_001)
+    assert data == b"x" * 300_000 and size == 300_000

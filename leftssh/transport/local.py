@@ -376,13 +376,14 @@ class LocalTransport:
         try:
             parts: list[bytes] = []
             have = 0
-            while have < limit:
-                block = os.read(fd, limit - have)
-                if not block:
-                    break
+            while True:
+                block = os.read(fd, limit - have) if have < limit else b""
                 parts.append(block)
                 have += len(block)
-            st = os.fstat(fd)
+                st = os.fstat(fd)
+                # Stop at the end, without a read just to meet it: fstat tells the size.
+                if not block or have >= limit or have == st.st_size:
+                    break
         finally:
             os.close(fd)
         return b"".join(parts), st.st_size, int(st.st_mtime)
