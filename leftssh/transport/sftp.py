@@ -568,30 +568,43 @@ class _Pipeline:
     def __len__(self) -> int:
         return len(self._callbacks)
 
-    def send(self, callback: _Callback, t: int, *args: object) -> None:
+    def send(self, callback: _Callback, t: int, *args: bytes | memoryview | str | int) -> None:
         """Queue a request; queued requests leave together, before the next wait.
 
         Many small requests then share SSH packets (one encryption and one write
-        for several), instead of one packet each.
+        for several), instead of one packet each. The request is encoded here (the
+        few argument types the pipeline uses) and registered with paramiko's client
+        under the next request id, so its answer is read and routed as any other.
         """
         sftp = self._req.sftp
-        sftp._send_packet = self._queue  # type: ignore[method-assign]
-        try:
-            self._req.send(t, *args)
-        finally:
-            del sftp._send_packet
+        with sftp._lock:
+            num = sftp.request_number
+            sftp.request_number += 1
+            sftp._expecting[num] = self._req
+        parts = [b"", bytes((t,)), _U32.pack(num)]
+        for arg in args:
+            if isinstance(arg, _Raw):
+                parts.append(arg)
+            elif isinstance(arg, int64):
+                parts.append(_U64.pack(arg))
+            elif isinstance(arg, int):
+                parts.append(_U32.pack(arg))
+            else:
+                data = arg.encode("utf-8") if isinstance(arg, str) else arg
+                parts.append(_U32.pack(len(data)))
+                parts.append(data)
+        size = sum(map(len, parts))
+        parts[0] = _U32.pack(size)
+        self._out.extend(parts)
+        self._queued += size + 4
+        self._req.pending.append(num)
         self._callbacks.append(callback)
         if self._queued >= self._COALESCE:
             self.flush()
 
-    def _queue(self, t: int, packet: paramiko.Message) -> None:
-        data = packet.asbytes()
-        self._out.append(_U32.pack(len(data) + 1) + bytes((t,)) + data)
-        self._queued += len(data) + 5
-
     def flush(self) -> None:
         if self._out:
-            data = b"".join(self._out)
+            data = b"".join(self._out)  # memoryviews of WRITE data are copied here, once
             self._out.clear()
             self._queued = 0
             self._req.sftp._write_all(data)
@@ -620,6 +633,19 @@ class _Pipeline:
 
 
 _Callback = Callable[[int, "paramiko.Message | None", "BaseException | None"], None]
+
+
+class _Raw(bytes):
+    """Bytes that :meth:`_Pipeline.send` puts in a request as they are (no length)."""
+
+
+_NO_ATTRS = _Raw(_U32.pack(0))  # SFTP v3 ATTRS with no attribute set
+_MODE_AND_TIMES = paramiko.SFTPAttributes.FLAG_PERMISSIONS | paramiko.SFTPAttributes.FLAG_AMTIME
+
+
+def _mode_and_times(mode: int, mtime: int) -> _Raw:
+    """SFTP v3 ATTRS setting the permission bits of ``mode``, and atime and mtime."""
+    return _Raw(struct.pack(">IIII", _MODE_AND_TIMES, mode & 0o777, mtime, mtime))
 
 
 def _ignore(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
@@ -1437,7 +1463,7 @@ class SFTPTransport:
 
         def open_partial(put: _Put) -> None:
             flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL
-            pipe.send(opened(put), CMD_OPEN, self.full(put.path), flags, paramiko.SFTPAttributes())
+            pipe.send(opened(put), CMD_OPEN, self.full(put.path), flags, _NO_ATTRS)
 
         def opened(put: _Put) -> _Callback:
             def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
@@ -1446,14 +1472,16 @@ class SFTPTransport:
                     finish(put)
                     return
                 handle = msg.get_binary()
-                view = memoryview(put.data)
-                for at in range(0, len(view), request):
-                    piece = view[at : at + request]
-                    pipe.send(written(put), CMD_WRITE, handle, int64(at), piece)
-                attr = paramiko.SFTPAttributes()
-                attr.st_mtime = attr.st_atime = put.attrs[0]
-                attr.st_mode = put.attrs[1] & 0o777
-                pipe.send(written(put), CMD_FSETSTAT, handle, attr)
+                try:
+                    attrs = _mode_and_times(put.attrs[1], put.attrs[0])
+                except struct.error:  # SFTP v3 times are 32-bit: the one-by-one path says so
+                    fail(put, paramiko.SFTPError("mtime out of the SFTP range"))
+                else:
+                    view = memoryview(put.data)
+                    for at in range(0, len(view), request):
+                        piece = view[at : at + request]
+                        pipe.send(written(put), CMD_WRITE, handle, int64(at), piece)
+                    pipe.send(written(put), CMD_FSETSTAT, handle, attrs)
                 pipe.send(closed(put), CMD_CLOSE, handle)
 
             return done
