@@ -293,3 +293,82 @@ def test_read_whole_reads_a_small_file_in_one_go_and_reports_its_size(tmp_path) 
     assert t.read_whole("small", 2) == (b"ab", 3, 1_600_000_000)
     data, size, _ = t.read_whole("big", 300_001)
     assert data == b"x" * 300_000 and size == 300_000
+
+
+class _FakeChannel:
+    """Stands for the SFTP channel of a client: gives back prepared answer bytes."""
+
+    def __init__(self, data: bytes, piece: int = 7) -> None:
+        self.data, self.piece, self.sent = data, piece, b""
+
+    def recv(self, n: int) -> bytes:
+        out, self.data = self.data[: min(n, self.piece)], self.data[min(n, self.piece) :]
+        return out
+
+    def recv_ready(self) -> bool:
+        return bool(self.data)
+
+
+def _fake_client(answers: bytes) -> object:
+    import threading
+
+    import paramiko
+
+    client = paramiko.SFTPClient.__new__(paramiko.SFTPClient)
+    client.sock = _FakeChannel(answers)
+    client._lock = threading.Lock()
+    client.request_number = 40
+    client.logger = paramiko.util.get_logger("test")
+
+    def write_all(data: bytes) -> None:
+        client.sock.sent += data
+
+    client._write_all = write_all
+    return client
+
+
+def _answer(t: int, num: int, body: bytes) -> bytes:
+    import struct
+
+    return struct.pack(">IBI", len(body) + 5, t, num) + body
+
+
+def test_pipeline_routes_answers_by_id_and_refuses_strangers() -> None:
+    import struct
+
+    import paramiko
+    from paramiko.sftp import CMD_HANDLE, CMD_NAME, CMD_REALPATH, CMD_STATUS
+
+    status = lambda code, text: struct.pack(">I", code) + struct.pack(">I", len(text)) + text  # noqa: E731
+    answers = (
+        _answer(CMD_HANDLE, 41, struct.pack(">I", 2) + b"h1")  # out of order
+        + _answer(CMD_STATUS, 40, status(2, b"no such file") + struct.pack(">I", 0))
+        + _answer(CMD_NAME, 42, struct.pack(">I", 1) + struct.pack(">I", 4) + b"/abc")
+    )
+    got: list[tuple[int, object]] = []
+
+    def keep(t: int, msg: object, error: object) -> None:
+        got.append((t, error if error is not None else msg.get_binary()))  # type: ignore[union-attr]
+
+    pipe = sftp._Pipeline(_fake_client(answers))  # type: ignore[arg-type]
+    pipe.send(keep, CMD_REALPATH, "/missing")
+    pipe.send(keep, CMD_REALPATH, "/open-me")
+    pipe.send(keep, CMD_REALPATH, "/resolve")
+    pipe.drain()
+    assert isinstance(got[0][1], FileNotFoundError)
+    assert got[1] == (CMD_HANDLE, b"h1")
+    assert got[2][0] == CMD_NAME
+    # Three requests went out in one write, each with its own id.
+    sent = pipe._sftp.sock.sent  # type: ignore[attr-defined]
+    ids, at = [], 0
+    while at < len(sent):
+        (size,) = struct.unpack_from(">I", sent, at)
+        ids.append(struct.unpack_from(">I", sent, at + 5)[0])
+        at += 4 + size
+    assert ids == [40, 41, 42]
+
+    for bad in (_answer(CMD_HANDLE, 99, b"x"), struct.pack(">I", 2) + b"\x65\x00"):
+        pipe = sftp._Pipeline(_fake_client(bad))  # type: ignore[arg-type]
+        pipe.send(keep, CMD_REALPATH, "/x")
+        with pytest.raises(paramiko.SSHException):
+            pipe.drain()

@@ -125,6 +125,7 @@ def _listdir(sftp: paramiko.SFTPClient, path: str) -> list[paramiko.SFTPAttribut
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+_MAX_ANSWER = 1 << 24  # no SFTP answer to the pipeline's requests is this large
 
 
 class _Listed:
@@ -555,32 +556,37 @@ class _Pipeline:
     Callbacks run in the order the requests were sent (answers that come early are
     kept until then), and get ``(type, message, None)`` or ``(0, None, error)`` for an
     error status. A stalled or lost connection raises out of :meth:`step`.
+
+    Requests are encoded here and queued, and the queue leaves in one write before
+    the pipeline next waits, so many small requests share SSH packets. Answers are
+    read from the channel in large pieces and split here, instead of two reads from
+    paramiko's buffer per answer. Request ids come from paramiko's client, so they
+    never collide with its own; while a pipeline has requests out, nothing else may
+    use that client (each thread has its own, see ``SFTPTransport.client``).
     """
 
     _COALESCE = 64 << 10  # queued request bytes sent in one go
+    _READ = 256 << 10  # bytes asked of the channel at a time
 
     def __init__(self, sftp: paramiko.SFTPClient) -> None:
-        self._req = _Requests(sftp)
-        self._callbacks: collections.deque[_Callback] = collections.deque()
+        self._sftp = sftp
+        self._chan = sftp.sock
+        self._pending: collections.deque[tuple[int, _Callback]] = collections.deque()
+        self._outstanding: set[int] = set()
+        self._answers: dict[int, tuple[int, bytes]] = {}
+        self._in = bytearray()
         self._out: list[bytes] = []
         self._queued = 0
 
     def __len__(self) -> int:
-        return len(self._callbacks)
+        return len(self._pending)
 
     def send(self, callback: _Callback, t: int, *args: bytes | memoryview | str | int) -> None:
-        """Queue a request; queued requests leave together, before the next wait.
-
-        Many small requests then share SSH packets (one encryption and one write
-        for several), instead of one packet each. The request is encoded here (the
-        few argument types the pipeline uses) and registered with paramiko's client
-        under the next request id, so its answer is read and routed as any other.
-        """
-        sftp = self._req.sftp
+        """Queue a request (the few argument types the pipeline uses)."""
+        sftp = self._sftp
         with sftp._lock:
             num = sftp.request_number
             sftp.request_number += 1
-            sftp._expecting[num] = self._req
         parts = [b"", bytes((t,)), _U32.pack(num)]
         for arg in args:
             if isinstance(arg, _Raw):
@@ -597,8 +603,8 @@ class _Pipeline:
         parts[0] = _U32.pack(size)
         self._out.extend(parts)
         self._queued += size + 4
-        self._req.pending.append(num)
-        self._callbacks.append(callback)
+        self._pending.append((num, callback))
+        self._outstanding.add(num)
         if self._queued >= self._COALESCE:
             self.flush()
 
@@ -607,29 +613,68 @@ class _Pipeline:
             data = b"".join(self._out)  # memoryviews of WRITE data are copied here, once
             self._out.clear()
             self._queued = 0
-            self._req.sftp._write_all(data)
+            self._sftp._write_all(data)
 
     def step(self) -> None:
         """Send what is queued, then handle the oldest answer and every one already in."""
         self.flush()
         self._answer()
-        while self._callbacks and self._req.ready():
+        while self._pending and self._ready():
             self._answer()
 
-    def _answer(self) -> None:
-        callback = self._callbacks.popleft()
-        try:
-            t, msg = self._req.wait_oldest()
-        except Exception as e:
-            if _stops_pipeline(e) or not isinstance(e, OSError):
-                raise
-            callback(0, None, e)
-            return
-        callback(t, msg, None)
-
     def drain(self) -> None:
-        while self._callbacks:
+        while self._pending:
             self.step()
+
+    def _ready(self) -> bool:
+        return (
+            self._pending[0][0] in self._answers
+            or self._complete() is not None
+            or self._chan.recv_ready()
+        )
+
+    def _complete(self) -> int | None:
+        """The length of the first whole packet in the input, if there is one."""
+        if len(self._in) < 4:
+            return None
+        (size,) = _U32.unpack_from(self._in, 0)
+        if size < 5 or size > _MAX_ANSWER:
+            # The channel is out of step: nothing after this can be read as answers.
+            raise paramiko.SSHException("malformed SFTP packet from the peer")
+        return size + 4 if len(self._in) >= size + 4 else None
+
+    def _read(self, num: int) -> tuple[int, bytes]:
+        while num not in self._answers:
+            length = self._complete()
+            if length is None:
+                data = self._chan.recv(self._READ)
+                if not data:
+                    raise EOFError("the SFTP channel closed")
+                self._in += data
+                continue
+            t = self._in[4]
+            (got,) = _U32.unpack_from(self._in, 5)
+            if got not in self._outstanding:
+                raise paramiko.SSHException(f"an answer to no request ({got}) from the peer")
+            self._outstanding.discard(got)
+            self._answers[got] = (t, bytes(self._in[9:length]))
+            del self._in[:length]
+        return self._answers.pop(num)
+
+    def _answer(self) -> None:
+        num, callback = self._pending.popleft()
+        t, body = self._read(num)
+        msg = paramiko.Message(body)
+        if t == CMD_STATUS:
+            try:
+                self._sftp._convert_status(paramiko.Message(body))
+            except EOFError as e:
+                callback(0, None, OSError(f"unexpected end of file: {e}"))
+                return
+            except OSError as e:
+                callback(0, None, e)
+                return
+        callback(t, msg, None)
 
 
 _Callback = Callable[[int, "paramiko.Message | None", "BaseException | None"], None]
