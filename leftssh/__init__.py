@@ -17,8 +17,8 @@ class _ImportedOnFirstUse(types.ModuleType):
     """
 
     def __getattr__(self, attr: str) -> object:
-        if attr.startswith("__"):
-            raise AttributeError(attr)
+        # Any attribute the stand-in lacks (``run``, or ``__path__`` for a submodule
+        # import) loads the real module, which then takes its place in sys.modules.
         if sys.modules.get(self.__name__) is self:
             del sys.modules[self.__name__]
         real = importlib.import_module(self.__name__)

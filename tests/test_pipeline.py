@@ -1117,3 +1117,7 @@ print("ok")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+    # Code in the same process that imports one of invoke's modules first gets it too.
+    script = "import leftssh, invoke.context; print(invoke.context.Context.__name__)"
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout == "Context\n", r.stderr
