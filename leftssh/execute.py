@@ -105,6 +105,8 @@ class Executor:
         self._settler: ThreadPoolExecutor | None = None
         self._settling: Future | None = None
         self._verify_mode: str | None = None
+        self._index_lock = threading.Lock()
+        self._partials_by_stem: dict[Side, dict[str, list[str]]] = {}
         self._limiter = RateLimiter(self.options.bwlimit) if self.options.bwlimit else None
 
     # -- plumbing --------------------------------------------------------------
@@ -425,8 +427,10 @@ class Executor:
     def _copy_all(
         self, actions: list[Action], copies: dict[str, _Copy], *, resume: bool, mode: str
     ) -> list[Action]:
-        small = [a for a in actions if self._pipelined(a)]
-        rest = [a for a in actions if not self._pipelined(a)] if small else actions
+        small: list[Action] = []
+        rest: list[Action] = []
+        for a in actions:
+            (small if self._pipelined(a) else rest).append(a)
         if small:
             # What the pipeline could not place goes the one-file-at-a-time way.
             rest += self._copy_small(small, copies)
@@ -577,14 +581,18 @@ class Executor:
         """Remove partials of ``path`` left by an older source version."""
         # keep is ".NAME.<tag>.leftpart", or ".<md5 of NAME>.<tag>.leftpart" for a name
         # too long to fit: either way, the part up to the tag is shared by every version.
-        stem = keep[: -len(PARTIAL_SUFFIX)]
-        prefix = stem[: stem.rfind(".") + 1]
-        for p in list(self.manifests[dst_side].partials):
-            if p != keep and p.startswith(prefix) and p.endswith(PARTIAL_SUFFIX):
-                middle = p[len(prefix) : -len(PARTIAL_SUFFIX)]
-                if "/" not in middle and "." not in middle:
-                    _quiet(dst.remove_partial, p)
-                    self.manifests[dst_side].partials.pop(p, None)
+        with self._index_lock:
+            index = self._partials_by_stem.get(dst_side)
+            if index is None:  # once per side, not a pass over every partial per file
+                index = self._partials_by_stem[dst_side] = {}
+                for p in self.manifests[dst_side].partials:
+                    stem = _version_stem(p)
+                    if stem is not None:
+                        index.setdefault(stem, []).append(p)
+            stale = [p for p in index.pop(_version_stem(keep) or "", []) if p != keep]
+        for p in stale:
+            _quiet(dst.remove_partial, p)
+            self.manifests[dst_side].partials.pop(p, None)
 
     def _verify(
         self,
@@ -712,6 +720,18 @@ def _write(out: BinaryIO, block: bytes | None, dst: Transport, partial: str) -> 
             _quiet(out.close)
         _quiet(dst.remove_partial, partial)
         raise
+
+
+def _version_stem(partial: str) -> str | None:
+    """The part of a partial's name that every version of its file shares (up to the tag).
+
+    None for a name that is not ``STEM<tag>.leftpart`` with a tag free of '/' and '.'.
+    """
+    if not partial.endswith(PARTIAL_SUFFIX):
+        return None
+    stem = partial[: -len(PARTIAL_SUFFIX)]
+    cut = stem.rfind(".") + 1
+    return None if "/" in stem[cut:] else stem[:cut]
 
 
 def _prefix_hash(t: Transport, path: str, length: int) -> hashlib._Hash:

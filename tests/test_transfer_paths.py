@@ -372,3 +372,15 @@ def test_pipeline_routes_answers_by_id_and_refuses_strangers() -> None:
         pipe.send(keep, CMD_REALPATH, "/x")
         with pytest.raises(paramiko.SSHException):
             pipe.drain()
+
+
+def test_version_stem_groups_the_partials_of_one_file() -> None:
+    from leftssh.paths import partial_name, version_tag
+
+    old = partial_name("d/a.txt", version_tag(10, 1_600_000_000))
+    new = partial_name("d/a.txt", version_tag(12, 1_700_000_000))
+    other = partial_name("d/a.txt.bak", version_tag(10, 1_600_000_000))
+    assert execute._version_stem(old) == execute._version_stem(new) is not None
+    assert execute._version_stem(other) != execute._version_stem(old)
+    assert execute._version_stem("d/a.txt") is None
+    assert execute._version_stem("d/.a.x/y.leftpart") is None  # a tag never holds '/'

@@ -97,32 +97,6 @@ def _io_error(e: BaseException, what: str) -> Exception:
     return TransferError(f"{what}: {e}")
 
 
-def _listdir(sftp: paramiko.SFTPClient, path: str) -> list[paramiko.SFTPAttributes]:
-    """List a remote directory like ``listdir_attr``, keeping names that are not UTF-8.
-
-    paramiko decodes names as strict UTF-8, so a single odd name would make the whole
-    directory unreadable; here it becomes a surrogate escape that the scan reports.
-    """
-    t, msg = sftp._request(CMD_OPENDIR, path)
-    if t != CMD_HANDLE:
-        raise paramiko.SFTPError("expected a handle")
-    handle = msg.get_binary()
-    found = []
-    while True:
-        try:
-            t, msg = sftp._request(CMD_READDIR, handle)
-        except EOFError:
-            break
-        if t != CMD_NAME:
-            raise paramiko.SFTPError("expected a name response")
-        for _ in range(msg.get_int()):
-            name = msg.get_string().decode("utf-8", "surrogateescape")
-            msg.get_string()  # the "ls -l" line
-            found.append(paramiko.SFTPAttributes._from_msg(msg, name))
-    sftp._request(CMD_CLOSE, handle)
-    return found
-
-
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _MAX_ANSWER = 1 << 24  # no SFTP answer to the pipeline's requests is this large
@@ -145,7 +119,7 @@ def _parse_names(data: bytes) -> list[_Listed]:
 
     The same fields as paramiko's ``SFTPAttributes._from_msg``, read with ``struct``
     at a fraction of the cost (a listing of 100,000 entries spent most of its time
-    there). Names that are not UTF-8 become surrogate escapes, as in ``_listdir``.
+    there). Names that are not UTF-8 become surrogate escapes, which the scan reports.
     A truncated answer raises instead of being padded with zeros.
     """
     try:
@@ -542,12 +516,6 @@ class _Requests:
 
     def wait_oldest(self) -> tuple[int, paramiko.Message]:
         return self.wait(self.pending.popleft())
-
-    def ready(self) -> bool:
-        """Tell whether the oldest answer can be had without waiting for the peer."""
-        return bool(self.pending) and (
-            self.pending[0] in self._early or self.sftp.sock.recv_ready()
-        )
 
 
 class _Pipeline:
@@ -1178,7 +1146,7 @@ class SFTPTransport:
 
     def _scan_one(
         self,
-        a: paramiko.SFTPAttributes | _Listed,
+        a: _Listed,
         rel_dir: str,
         rules: IgnoreRules,
         manifest: Manifest,
