@@ -311,12 +311,16 @@ class Executor:
         the caller goes on copying the next batch (at most one batch settles at a time;
         ``_settled`` waits for it).
         """
-        mode = self.verify_mode()
+        # Small uploads need the verification mode only to settle: they need not wait
+        # for the peer's md5sum probe (still running in the background) to start.
+        small_only = all(self._pipelined(a) for a in actions)
+        mode = "" if small_only else self.verify_mode()
         copies = {a.path: _Copy(a, "") for a in actions}
         self._check_stop()
         prehash = self._start_source_hash(actions, mode)
         self._copy_all(actions, copies, resume=True, mode=mode)
         self._stop_if_asked(actions, copies, sink)
+        mode = mode or self.verify_mode()
         if not background:
             self._settle(actions, copies, mode, sink, prehash)
             return
@@ -434,6 +438,8 @@ class Executor:
         if small:
             # What the pipeline could not place goes the one-file-at-a-time way.
             rest += self._copy_small(small, copies)
+        if rest and not mode:
+            mode = self.verify_mode()
         self._map(lambda a: self._copy_guarded(copies[a.path], resume, mode), rest)
         return actions
 

@@ -138,6 +138,9 @@ class Plan:
 
     actions: list[Action] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    base_current: bool = False
+    """Set by a two-way plan when every path is unchanged on both sides since the base:
+    the base the run would save is the one it loaded."""
 
 
 class Status(str, Enum):

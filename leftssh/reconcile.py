@@ -179,6 +179,9 @@ def plan_sync(
     skipped_paths = {s.path for s in skipped}
     paths = list(union(local.entries, remote.entries, base))
     paths.sort()
+    # With --checksum a record may gain the MD5 both sides now agree on, so the base
+    # is never taken as current then.
+    current = not checksum
     for path in paths:
         le, re, b = local.entries.get(path), remote.entries.get(path), base.get(path)
         cl = change_of(le, b, L, checksum)
@@ -187,6 +190,7 @@ def plan_sync(
             # Unchanged on both sides (so both are of the base's kind): nothing to do,
             # whatever the checks below would say. Most paths of most syncs end here.
             continue
+        current = False
         if local.under_unreadable(path) or remote.under_unreadable(path):
             continue
         if is_under(path, skipped_paths):
@@ -259,7 +263,11 @@ def plan_sync(
     mkdirs.sort(key=lambda a: (depth(a.path), a.path))
     deletes.sort(key=lambda a: (-depth(a.path), a.path))
     skips.extend(Action(Kind.SKIP, s.path, reason=s.reason) for s in skipped)
-    return Plan(actions=pre + conflicts + mkdirs + transfers + deletes + skips, skipped=skipped)
+    return Plan(
+        actions=pre + conflicts + mkdirs + transfers + deletes + skips,
+        skipped=skipped,
+        base_current=current,
+    )
 
 
 def _dirs_with_changes(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import posixpath
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from leftssh.reconcile import (
 from leftssh.report import Reporter
 from leftssh.safety import DEFAULT_MAX_DELETE, check_max_delete
 from leftssh.state import BaseStore, pair_key
-from leftssh.target import Target, resolve_ssh
+from leftssh.target import SshSettings, Target, resolve_ssh
 from leftssh.transport.base import HashUnavailable, Transport
 from leftssh.transport.local import LocalTransport
 
@@ -52,15 +54,25 @@ class RunOptions:
     timeout: float = 30.0
 
 
-def open_remote(target: Target, opts: RunOptions) -> Transport:
-    """Open the transport for TARGET: a local directory or an SFTP session."""
+def open_remote(target: Target, opts: RunOptions, settings: SshSettings | None = None) -> Transport:
+    """Open the transport for TARGET: a local directory or an SFTP session.
+
+    ``settings``, when given, are what :func:`ssh_settings` returned for TARGET.
+    """
     if target.local_path is not None:
         if target.local_path.resolve() == opts.local_dir.resolve():
             raise UsageError("the target is the local share itself")
         return LocalTransport(target.local_path, label=target.raw)
     from leftssh.transport.sftp import SFTPTransport
 
-    settings = resolve_ssh(
+    if settings is None:
+        settings = ssh_settings(target, opts)
+    return SFTPTransport(settings, target.path, target.label(), opts.timeout)
+
+
+def ssh_settings(target: Target, opts: RunOptions) -> SshSettings:
+    """Resolve how to reach an SSH TARGET (ssh_config, options, defaults)."""
+    return resolve_ssh(
         target,
         port=opts.port,
         identity=opts.identity,
@@ -70,7 +82,6 @@ def open_remote(target: Target, opts: RunOptions) -> Transport:
         timeout=opts.timeout,
         compress=opts.compress,
     )
-    return SFTPTransport(settings, target.path, target.label(), opts.timeout)
 
 
 def filter_ignored(manifest: Manifest, rules: IgnoreRules, entries: bool = True) -> None:
@@ -105,8 +116,11 @@ class Connecting:
     """
 
     def __init__(self, target: Target, opts: RunOptions) -> None:
+        self.target = target
         self._lock = threading.Lock()
         self._remote: Transport | None = None
+        self._settings: SshSettings | None = None
+        self._resolved = threading.Event()
         self._error: BaseException | None = None
         self._abandoned = False
         self._thread = threading.Thread(
@@ -116,7 +130,12 @@ class Connecting:
 
     def _connect(self, target: Target, opts: RunOptions) -> None:
         try:
-            remote = open_remote(target, opts)
+            try:
+                if target.local_path is None:
+                    self._settings = ssh_settings(target, opts)
+            finally:
+                self._resolved.set()
+            remote = open_remote(target, opts, self._settings)
         except BaseException as e:
             self._error = e
             return
@@ -134,6 +153,12 @@ class Connecting:
         assert self._remote is not None
         return self._remote
 
+    def settings(self) -> SshSettings | None:
+        """The SSH settings of the target once resolved (before the connection is made);
+        None for a local target or when resolving them failed (``result`` raises that)."""
+        self._resolved.wait()
+        return self._settings
+
     def abandon(self) -> None:
         """The run ends before it used the connection: close it whenever it is made."""
         with self._lock:
@@ -148,14 +173,19 @@ def scan_sides(
     remote: Transport | Connecting,
     ignore: IgnoreRules,
     locks: _Locks | None = None,
+    meanwhile: Callable[[], object] | None = None,
 ) -> tuple[Transport, Manifest, Manifest]:
     """Lock (with ``locks``) and scan each side, then drop what the combined ignore
     rules of both exclude. The local side goes first, while ``remote`` may still be
-    connecting; returns the connected remote transport and the two manifests."""
+    connecting, and then ``meanwhile`` is called (the local lock held) if the
+    connection is not made yet; returns the connected remote transport and the two
+    manifests."""
     if locks is not None and local.root_exists():
         locks.take(local)
     local_m = local.scan(ignore)
     if isinstance(remote, Connecting):
+        if meanwhile is not None:
+            meanwhile()
         remote = remote.result()
     if locks is not None and remote.root_exists():
         locks.take(remote)
@@ -295,11 +325,63 @@ class _Locks:
 
 def _pair_store(target: Target, opts: RunOptions, remote: Transport) -> BaseStore:
     if target.local_path is not None:
-        ident = ("", "", 0, str(target.local_path))
-    else:
-        settings = remote.settings  # type: ignore[attr-defined]
-        ident = (settings.user, settings.hostname, settings.port, remote.root)  # type: ignore[attr-defined]
-    user, host, port, path = ident
+        return _store_for(opts, "", "", 0, str(target.local_path))
+    settings = remote.settings  # type: ignore[attr-defined]
+    return _store_for(opts, settings.user, settings.hostname, settings.port, remote.root)  # type: ignore[attr-defined]
+
+
+def _foreseen_store(opts: RunOptions, pending: Connecting) -> BaseStore | None:
+    """The store ``_pair_store`` will name once connected, when it is known before:
+    a local target, or an absolute remote path (a relative one needs the login directory).
+    """
+    target = pending.target
+    if target.local_path is not None:
+        return _store_for(opts, "", "", 0, str(target.local_path))
+    if not target.path.startswith("/"):
+        return None
+    settings = pending.settings()
+    if settings is None:
+        return None
+    root = posixpath.normpath(target.path)
+    return _store_for(opts, settings.user, settings.hostname, settings.port, root)
+
+
+class _EarlyBase:
+    """The base, read while the connection is being made, for ``load`` to hand out.
+
+    Reading it is what a run does next once connected; its key is known earlier for
+    most targets. A read error is kept and raised by ``load``, where it would have
+    been raised anyway (after a connection error, not before it).
+    """
+
+    def __init__(self, opts: RunOptions, pending: Connecting | None) -> None:
+        self.opts = opts
+        self.pending = pending
+        self.path: Path | None = None
+        self.base: dict[str, BaseEntry] | None = None
+        self.error: UsageError | None = None
+
+    def read(self) -> None:
+        if self.pending is None:
+            return
+        store = _foreseen_store(self.opts, self.pending)
+        if store is None:
+            return
+        try:
+            self.base = store.load()
+        except UsageError as e:
+            self.error = e
+        self.path = store.path
+
+    def load(self, store: BaseStore) -> dict[str, BaseEntry] | None:
+        if store.path != self.path:
+            return store.load()
+        if self.error is not None:
+            raise self.error
+        return self.base
+
+
+def _store_for(opts: RunOptions, user: str, host: str, port: int, path: str) -> BaseStore:
     key = pair_key(opts.local_dir, user, host, port, path)
     describe = {
         "local": str(opts.local_dir),
@@ -351,12 +433,13 @@ def sync(
     pending = Connecting(target, opts) if remote is None else None
     local = LocalTransport(local_dir)
     locks = _Locks(mode)
+    early = _EarlyBase(opts, pending)
     try:
         remote, local_m, remote_m = scan_sides(
-            local, pending or remote, ignore, None if read_only else locks
+            local, pending or remote, ignore, None if read_only else locks, early.read
         )
         store = _pair_store(target, opts, remote)
-        base = store.load()
+        base = early.load(store)
         reporter.info(f"sync state: {store.path}" + ("" if base is not None else " (none yet)"))
         manifests = {Side.LOCAL: local_m, Side.REMOTE: remote_m}
         if not local_m.exists and not remote_m.exists:
@@ -438,6 +521,8 @@ def _save_base(
 
     When that is the base already (a sync with nothing to do), nothing is built or written.
     """
+    if base is not None and plan.base_current:
+        return  # every path as the base has it: nothing to record
     old = base or {}
     done: list[Action] = []
     settled: set[int] = set()

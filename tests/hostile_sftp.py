@@ -2,8 +2,9 @@
 
 A real OpenSSH server cannot imitate a hostile peer, so this one is built from paramiko's
 server side. It serves a real directory (``backing``, seen by the client as ``/``) and
-answers ``exec`` requests for the commands leftssh sends (the md5 probe, batched
-``md5sum -z``, the ``head -c | md5sum`` prefix hash) by computing the answers itself.
+answers ``exec`` requests for the commands leftssh sends (the session shell with the md5
+probe and batched ``md5sum -z`` scripts, the ``head -c | md5sum`` prefix hash) by
+computing the answers itself.
 Every answer can be made hostile through the attributes documented on the class; they
 are read on each request, so a test can change them between runs.
 
@@ -34,11 +35,12 @@ from types import TracebackType
 import paramiko
 from paramiko.sftp import SFTP_FAILURE, SFTP_OK, SFTP_OP_UNSUPPORTED, SFTP_PERMISSION_DENIED
 
-from leftssh.transport.remote_shell import PROBE_COMMAND
+from leftssh.transport.remote_shell import PROBE_COMMAND, SESSION_COMMAND
 
 __all__ = ["HostileServer", "fake"]
 
-_HASH_RE = re.compile(r"cd -- (?P<root>.+) && xargs -0 md5sum -z --")
+# The end of one script sent to the session shell: the line printing its marker.
+_SESSION_END = re.compile(rb"\nprintf '\\n%s\\n' (?P<marker>[A-Za-z0-9._-]+)\n")
 EXEC_MODES = ("honest", "garbage", "nothing", "fail", "lie")
 
 
@@ -200,6 +202,9 @@ class HostileServer:
     # -- exec -------------------------------------------------------------------------------
 
     def run_exec(self, channel: paramiko.Channel, command: str) -> None:
+        if command == SESSION_COMMAND and self.exec_mode in ("honest", "lie"):
+            self.run_session(channel)
+            return
         try:
             stdin = b""
             channel.settimeout(10)
@@ -219,6 +224,52 @@ class HostileServer:
         finally:
             channel.close()
 
+    def run_session(self, channel: paramiko.Channel) -> None:
+        """Play ``sh`` reading scripts on stdin: answer each one, then print its marker."""
+        try:
+            channel.settimeout(10)
+            buf = b""
+            while True:
+                end = _SESSION_END.search(buf)
+                if end is None:
+                    block = channel.recv(65536)
+                    if not block:
+                        break
+                    buf += block
+                    continue
+                script, buf = buf[: end.start()], buf[end.end() :]
+                out = self.answer_script(script)
+                channel.sendall(out + b"\n" + end.group("marker") + b"\n")
+            channel.send_exit_status(0)
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+        finally:
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                channel.close()
+
+    def answer_script(self, script: bytes) -> bytes:
+        """What the session shell prints for one script: the probe or a hash batch."""
+        text = script.decode("utf-8", "surrogateescape")
+        self.exec_log.append(text)
+        if text == PROBE_COMMAND:
+            return b"gnu-z\n"
+        words = _shell_words(script)
+        shape = [w for w, quoted in words[:7]]
+        if shape[:3] != ["(", "cd", "--"] or words[-8:] != _HASH_TAIL:
+            return b""
+        root = words[3][0]
+        names: list[bytes] = []
+        collecting = False
+        for w, quoted in words[4:-8]:
+            if collecting and not quoted and w == ";":
+                collecting = False
+            elif collecting:
+                names.append(w.encode("utf-8", "surrogateescape"))
+            elif w == "%s\\0":
+                collecting = True
+        stdin = b"".join(n + b"\0" for n in names)
+        return self._hash_batch(root, stdin, self.exec_mode == "lie")[1]
+
     def answer(self, command: str, stdin: bytes) -> tuple[int, bytes, bytes]:
         """Return (exit status, stdout, stderr) for one command, as the knobs dictate."""
         self.exec_log.append(command)
@@ -232,9 +283,6 @@ class HostileServer:
             return 0, junk.replace(b"gnu", b"GNU").replace(b"bsd", b"BSD"), b""
         if command == PROBE_COMMAND:
             return 0, b"gnu-z\n", b""
-        match = _HASH_RE.fullmatch(command)
-        if match:
-            return self._hash_batch(shlex.split(match.group("root"))[0], stdin, mode == "lie")
         prefix = self._parse_prefix(command)
         if prefix is not None:
             root, name, count = prefix
@@ -281,6 +329,54 @@ class HostileServer:
                 return f.read() if count is None else f.read(count)
         except OSError:
             return None
+
+
+def _shell_words(script: bytes) -> list[tuple[str, bool]]:
+    """Split a script as sh would, for the few constructs leftssh sends: single quotes,
+    backslash escapes, blanks, and the operators ``( ) { } ; | &`` (one per token).
+    Each word comes with whether any of it was quoted."""
+    words: list[tuple[str, bool]] = []
+    word: bytearray | None = None
+    quoted = False
+    i = 0
+    while i < len(script):
+        c = script[i : i + 1]
+        if c == b"'":
+            end = script.index(b"'", i + 1)
+            word = (word or bytearray()) + script[i + 1 : end]
+            quoted = True
+            i = end + 1
+            continue
+        if c == b"\\":
+            word = (word or bytearray()) + script[i + 1 : i + 2]
+            quoted = True
+            i += 2
+            continue
+        if c in b" \t\n()[]{};|&" and c not in b"[]":
+            if word is not None:
+                words.append((word.decode("utf-8", "surrogateescape"), quoted))
+                word, quoted = None, False
+            if c not in b" \t\n":
+                words.append((c.decode(), False))
+            i += 1
+            continue
+        word = (word or bytearray()) + c
+        i += 1
+    if word is not None:
+        words.append((word.decode("utf-8", "surrogateescape"), quoted))
+    return words
+
+
+_HASH_TAIL = [
+    ("}", False),
+    ("|", False),
+    ("xargs", False),
+    ("-0", False),
+    ("md5sum", False),
+    ("-z", False),
+    ("--", False),
+    (")", False),
+]
 
 
 class _Interface(paramiko.ServerInterface):

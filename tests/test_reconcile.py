@@ -21,11 +21,13 @@ from leftssh.paths import parent_of
 from leftssh.reconcile import (
     POLICIES,
     Base,
+    base_records,
     change_of,
     conflict_name,
     needs_hash_sync,
     next_base,
     plan_sync,
+    same_base,
     simulate,
 )
 
@@ -1188,3 +1190,31 @@ def test_symlink_on_one_side_never_deletes_or_overwrites_the_other_side():
     )
     plan = plan_sync(base, local, remote, "newer", now=0)
     assert [a for a in plan.actions if a.kind.value != "skip"] == []
+
+
+@PROPERTY
+@given(worlds())
+def test_property_a_current_base_is_the_base_a_run_would_save(w: World) -> None:
+    """``base_current`` lets a run skip building the new base: it must be exact."""
+    local = {p: e.with_md5(None) for p, e in w.local.items()}  # as scanned
+    remote = {p: e.with_md5(None) for p, e in w.remote.items()}
+    plan = plan_sync(w.base, manifest(local), manifest(remote), w.policy, now=NOW)
+    if plan.base_current:
+        assert not work(plan)
+        assert same_base(w.base, base_records(w.base, local, remote, set()))
+
+
+def test_base_is_current_after_an_agreed_sync_only() -> None:
+    entries = tree([d("a"), f("a/x"), f("y")])
+    base = agreed(list(entries.values()))
+    assert plan_sync(base, manifest(entries), manifest(dict(entries))).base_current
+    assert not plan_sync(
+        base, manifest(entries), manifest(dict(entries)), checksum=True
+    ).base_current
+    touched = dict(entries, y=f("y", mtime=T0 + 1))
+    assert not plan_sync(base, manifest(touched), manifest(dict(entries))).base_current
+    both = dict(entries, z=f("z"))  # new on both sides, same content: no work, a new record
+    plan = plan_sync(base, manifest(both), manifest(dict(both)))
+    assert not work(plan) and not plan.base_current
+    gone = {p: e for p, e in entries.items() if p != "y"}  # deleted on both sides
+    assert not plan_sync(base, manifest(gone), manifest(dict(gone))).base_current

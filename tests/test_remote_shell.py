@@ -26,15 +26,16 @@ from leftssh.transport.remote_shell import (
     EMPTY_MD5,
     FOLLOW_BLOCK,
     PROBE_COMMAND,
+    SESSION_COMMAND,
     HashTool,
     follow_hash_command,
     follow_hash_request,
-    hash_command,
-    hash_stdin,
+    hash_script,
     parse_hash_output,
     parse_prefix_hash,
     parse_probe,
     prefix_hash_command,
+    session_request,
 )
 
 MD5SUM = shutil.which("md5sum")
@@ -263,28 +264,28 @@ def test_hash_tool_values() -> None:
     assert HashTool("md5 -r") is HashTool.BSD
 
 
-def test_hash_stdin_format() -> None:
-    assert hash_stdin([]) == b""
-    assert hash_stdin(["a", "-rf", "x y/z"]) == b"./a\0./-rf\0./x y/z\0"
-    assert hash_stdin(["caf\u00e9"]) == b"./caf\xc3\xa9\0"
-    assert hash_stdin([os.fsdecode(b"\xff")]) == b"./\xff\0"
-    assert hash_stdin(["./a"]) == b"././a\0"
+def test_hash_script_names_and_roots() -> None:
+    def script(root: str, names: list[str]) -> bytes:
+        return hash_script(HashTool.GNU_Z, root, names)
+
+    assert b" './a' './-rf' './x y/z';" in script("/r", ["a", "-rf", "x y/z"])
+    assert b" './caf\xc3\xa9';" in script("/r", ["caf\u00e9"])
+    assert b" './\xff';" in script("/r", [os.fsdecode(b"\xff")])
+    assert b" '././a';" in script("/r", ["./a"])
+    assert script("data", ["f"]).startswith(b"(cd -- ./data && ")
+    assert script("", ["f"]).startswith(b"(cd -- . && ")
+    assert script("-", ["f"]).startswith(b"(cd -- ./- && ")
+    assert script("a b'c", ["f"]).startswith(b"(cd -- './a b'\"'\"'c' && ")
+    assert hash_script(HashTool.BSD, "/r", ["f"]).endswith(b"| xargs -0 md5 -r --)")
+    assert hash_script(HashTool.GNU, "/r", ["f"]).endswith(b"| xargs -0 md5sum --)")
+    with pytest.raises(ValueError):
+        script("a\0b", ["f"])
 
 
 @pytest.mark.parametrize("bad", ["", "/etc/passwd", "a\0b"])
-def test_hash_stdin_rejects(bad: str) -> None:
+def test_hash_script_rejects(bad: str) -> None:
     with pytest.raises(ValueError):
-        hash_stdin(["ok", bad])
-
-
-def test_hash_command_shape() -> None:
-    assert hash_command(HashTool.GNU_Z, "/srv/data") == "cd -- /srv/data && xargs -0 md5sum -z --"
-    assert hash_command(HashTool.GNU, "data") == "cd -- ./data && xargs -0 md5sum --"
-    assert hash_command(HashTool.BSD, "") == "cd -- . && xargs -0 md5 -r --"
-    assert hash_command(HashTool.GNU_Z, "-") == "cd -- ./- && xargs -0 md5sum -z --"
-    assert hash_command(HashTool.GNU_Z, "a b'c").startswith("cd -- './a b'\"'\"'c' && ")
-    with pytest.raises(ValueError):
-        hash_command(HashTool.GNU_Z, "a\0b")
+        hash_script(HashTool.GNU_Z, "/r", ["ok", bad])
 
 
 def test_parse_gnu_z_basic() -> None:
@@ -313,7 +314,7 @@ def test_parse_ignores_unrequested_garbage_and_partial() -> None:
             f"{h[:31]}  ./a\0"  # short hash
             f"{h[:31]}g  ./a\0"  # not hex
             f"{h}./a\0"  # no separator
-            f"{h}  a\0"  # no ./ prefix: not produced by hash_stdin
+            f"{h}  a\0"  # no ./ prefix: not produced by hash_script
             f"{h}  ./b\0"
             f"{h}  ./c"  # truncated: no terminator
         ).encode()
@@ -510,9 +511,7 @@ def _check_hashing(
     expected = _make_tree(root_dir, names)
     requested = names + ["does-not-exist", "dir $(touch pwned)", "-dir", ABSENT_PREFIX]
     before = _snapshot(top)
-    result = _run(
-        shell, hash_command(tool, root_arg), cwd=top, stdin=hash_stdin(requested), env=env
-    )
+    result = _run(shell, hash_script(tool, root_arg, requested), cwd=top, env=env)
     assert _snapshot(top) == before, "the command created or removed files"
     assert result.returncode != 0  # the missing file and the directories
     got = parse_hash_output(tool, result.stdout, requested)
@@ -555,9 +554,7 @@ def test_relative_root_ignores_cdpath(shell: list[str], tmp_path: Path) -> None:
     (top / "data" / "f").write_bytes(b"real")
     (decoy / "data" / "f").write_bytes(b"decoy")
     env = _env(os.environ.get("PATH", os.defpath), CDPATH=str(decoy))
-    result = _run(
-        shell, hash_command(HashTool.GNU_Z, "data"), cwd=top, stdin=hash_stdin(["f"]), env=env
-    )
+    result = _run(shell, hash_script(HashTool.GNU_Z, "data", ["f"]), cwd=top, env=env)
     assert result.returncode == 0
     assert result.stdout == f"{hashlib.md5(b'real').hexdigest()}  ./f\0".encode()
 
@@ -566,17 +563,10 @@ def test_relative_root_ignores_cdpath(shell: list[str], tmp_path: Path) -> None:
 @pytest.mark.parametrize("shell", SHELLS)
 def test_missing_root_hashes_nothing(shell: list[str], tmp_path: Path) -> None:
     (tmp_path / "f").write_bytes(b"x")
-    cmd = hash_command(HashTool.GNU_Z, str(tmp_path / "nope"))
-    result = _run(shell, cmd, cwd=tmp_path, stdin=hash_stdin(["f"]))
+    cmd = hash_script(HashTool.GNU_Z, str(tmp_path / "nope"), ["f"])
+    result = _run(shell, cmd, cwd=tmp_path)
     assert result.returncode != 0
     assert parse_hash_output(HashTool.GNU_Z, result.stdout, ["f"]) == {}
-
-
-@needs_md5sum
-def test_hash_empty_batch_is_harmless(tmp_path: Path) -> None:
-    result = _run(["sh", "-c"], hash_command(HashTool.GNU_Z, str(tmp_path)), cwd=tmp_path)
-    assert parse_hash_output(HashTool.GNU_Z, result.stdout, []) == {}
-    assert list(tmp_path.iterdir()) == []
 
 
 @needs_md5sum
@@ -590,9 +580,12 @@ def test_hash_many_files_split_by_xargs(tmp_path: Path) -> None:
         (root / name).write_bytes(name.encode())
         expected[name] = hashlib.md5(name.encode()).hexdigest()
     before = _snapshot(tmp_path)
-    result = _run(
-        ["sh", "-c"], hash_command(HashTool.GNU_Z, str(root)), cwd=tmp_path, stdin=hash_stdin(names)
-    )
+    # The script (about 330 KB) is read from stdin, as the session shell reads it: as a
+    # single argument it would exceed Linux's limit for one (128 KiB).
+    result = subprocess.run(
+        ["sh"], input=hash_script(HashTool.GNU_Z, str(root), names), capture_output=True,
+        cwd=tmp_path, timeout=60, check=False,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert _snapshot(tmp_path) == before
     assert parse_hash_output(HashTool.GNU_Z, result.stdout, names) == expected
@@ -776,13 +769,150 @@ def test_any_root_name_is_quoted(root_name: str) -> None:
         (top / root_name / "f").write_bytes(b"data")
         before = _snapshot(top)
         for root_arg in (root_name, str(top / root_name)):
-            result = _run(
-                ["sh", "-c"],
-                hash_command(HashTool.GNU_Z, root_arg),
-                cwd=top,
-                stdin=hash_stdin(["f"]),
-            )
+            result = _run(["sh", "-c"], hash_script(HashTool.GNU_Z, root_arg, ["f"]), cwd=top)
             assert parse_hash_output(HashTool.GNU_Z, result.stdout, ["f"]) == {
                 "f": hashlib.md5(b"data").hexdigest()
             }
         assert _snapshot(top) == before
+
+
+# ------------------------------------------------------------------- the session shell
+
+
+def test_session_request_shape() -> None:
+    request, end = session_request("echo hi", "leftssh-ab12-3")
+    assert request == b"echo hi\nprintf '\\n%s\\n' leftssh-ab12-3\n"
+    assert end == b"\nleftssh-ab12-3\n"
+    # The first bytes a session gets are plain text: read as an SFTP packet length they
+    # are far beyond any server's limit.
+    assert int.from_bytes(request[:4], "big") > 1 << 24
+    for bad in ("", "a b", "x'y", "a;b", "n\nl"):
+        with pytest.raises(ValueError):
+            session_request("true", bad)
+    with pytest.raises(ValueError):
+        session_request(b"echo \0", "m")
+
+
+def test_hash_script_shape() -> None:
+    script = hash_script(HashTool.GNU_Z, "/srv/d", ["a", "it's", "-x"])
+    assert script == (
+        b"(cd -- /srv/d && { printf '%s\\0' './a' './it'\\''s' './-x'; } | xargs -0 md5sum -z --)"
+    )
+    assert hash_script(HashTool.BSD, "rel", ["a"]).startswith(b"(cd -- ./rel && ")
+    for bad in ([], [""], ["/abs"], ["nul\0"]):
+        with pytest.raises(ValueError):
+            hash_script(HashTool.GNU, "/r", bad)
+
+
+def _session(
+    shell: Sequence[str],
+    scripts: list[bytes | str],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    bindir: Path,
+) -> list[bytes | None]:
+    """Run ``scripts`` through one session shell, ``sh`` being ``shell`` (a wrapper put
+    in ``bindir``); return each script's answer (None for one whose marker never came)."""
+    bindir.mkdir(exist_ok=True)
+    if not (bindir / "sh").exists():
+        (bindir / "sh").write_text(
+            "#!" + shutil.which("sh") + "\nexec " + " ".join(shell[:-1]) + ' "$@"\n'
+        )
+        (bindir / "sh").chmod(0o755)
+    env = dict(env, PATH=f"{bindir}{os.pathsep}{env['PATH']}")
+    requests = [session_request(sc, f"m-{i}") for i, sc in enumerate(scripts)]
+    result = subprocess.run(
+        [*shell, SESSION_COMMAND],
+        input=b"".join(r for r, _ in requests),
+        capture_output=True,
+        cwd=cwd,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    out, answers = result.stdout, []
+    for _, end in requests:
+        before, found, out = out.partition(end)
+        answers.append(before if found else None)
+        if not found:
+            out = before
+    return answers
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("tool_env", TOOL_KINDS, indirect=True)
+def test_session_probes_then_hashes_hostile_names(
+    shell: list[str], tool_env: ToolEnv, tmp_path: Path
+) -> None:
+    """One shell answers the probe and two hash batches, each up to its own marker; the
+    names ride on the script, quoted, and none of them runs or creates anything."""
+    tool, env, missing = tool_env
+    top = tmp_path / "top"
+    root = top / "data"
+    root.mkdir(parents=True)
+    expected = _make_tree(root, HOSTILE_NAMES)
+    requested = HOSTILE_NAMES + ["does-not-exist", "dir $(touch pwned)", "-dir", ABSENT_PREFIX]
+    half = len(requested) // 2
+    before = _snapshot(top)
+    probe, first, second = _session(
+        shell,
+        [
+            PROBE_COMMAND,
+            hash_script(tool, str(root), requested[:half]),
+            hash_script(tool, str(root), requested[half:]),
+        ],
+        cwd=top,
+        env=env,
+        bindir=tmp_path / "bin",
+    )
+    assert _snapshot(top) == before, "the session created or removed files"
+    alone = _run(shell, PROBE_COMMAND, cwd=top, env=env)  # the probe as a command of its own
+    assert probe is not None and parse_probe(probe, 0) is parse_probe(alone.stdout, 0)
+    assert parse_probe(probe, 0) is not None
+    assert first is not None and second is not None
+    got = parse_hash_output(tool, first, requested[:half])
+    got.update(parse_hash_output(tool, second, requested[half:]))
+    assert got == {name: digest for name, digest in expected.items() if name not in missing}
+
+
+@needs_md5sum
+@pytest.mark.parametrize("shell", SHELLS)
+def test_session_splits_long_name_lists(shell: list[str], tmp_path: Path) -> None:
+    """Names beyond one printf's share of the argument space go in several printfs."""
+    root = tmp_path / "data"
+    root.mkdir()
+    names = [f"{i:04}-" + "n" * 200 for i in range(400)]  # about 80 KiB of names
+    expected = _make_tree(root, names)
+    script = hash_script(HashTool.GNU_Z, str(root), names)
+    assert script.count(b"printf '%s\\0'") >= 3
+    env = _env(os.environ["PATH"])
+    (answer,) = _session(shell, [script], cwd=root, env=env, bindir=tmp_path / "bin")
+    assert answer is not None
+    assert parse_hash_output(HashTool.GNU_Z, answer, names) == expected
+
+
+SFTP_SERVERS = [
+    p
+    for p in ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server")
+    if Path(p).exists()
+]
+
+
+@pytest.mark.skipif(not SFTP_SERVERS, reason="OpenSSH sftp-server not installed")
+def test_sftp_server_given_a_session_request_closes_at_once(tmp_path: Path) -> None:
+    """A peer forcing its SFTP server on every command reads the first request as a far
+    too long packet and exits: the client sees the end of the session, not a hang."""
+    request, _ = session_request(PROBE_COMMAND, "m-0")
+    proc = subprocess.Popen(
+        [SFTP_SERVERS[0]], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(request)
+    proc.stdin.flush()  # and stdin stays open, as in a session
+    try:
+        code = proc.wait(10)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert code != 0

@@ -717,3 +717,40 @@ def test_sigkill_at_random_moments_converges_and_loses_nothing(pair: Pair, tmp_p
     print(
         f"\nuninterrupted sync {duration:.2f} s; trials (delay s, killed, rerun codes): {results}"
     )
+
+
+def test_a_damaged_base_is_reported_only_once_connected(pair: Pair, tmp_path: Path) -> None:
+    """The base is read while the connection is being made; a damaged one still yields
+    to a failed connection (its exit code), and is reported (exit 2) once connected."""
+    write_file(pair.local / "a.txt", "a\n", mtime=MTIME)
+    pair.sync()
+    (base,) = (pair.state / "bases").glob("*.base")
+    base.write_bytes(base.read_bytes()[:-20])
+    empty = tmp_path / "no_known_hosts"
+    empty.write_text("")
+    args = pair.args("sync")
+    args[args.index("--known-hosts") + 1] = str(empty)
+    r = pair.runner(*args, env=pair.env)
+    assert r.code == 5, r  # host key unknown: the connection's own exit code
+    assert "sync state" not in r.stderr, r
+    r = pair.sync(code=2)
+    assert "cannot read the sync state" in r.stderr, r
+
+
+def test_a_relative_remote_path_finds_the_same_base(pair: Pair) -> None:
+    """A path relative to the login directory names the same pair as its absolute form."""
+    write_file(pair.local / "a.txt", "a\n", mtime=MTIME)
+    write_file(pair.local / "b.txt", "b\n", mtime=MTIME)
+    pair.sync()
+    home = subprocess.run(
+        [*pair.sshd.ssh_args(), "pwd"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
+    relative = os.path.relpath(pair.remote, home)
+    assert not relative.startswith("/")
+    (pair.remote / "a.txt").unlink()  # with the base found, a deletion to propagate
+    args = pair.args("sync")
+    args[1] = f"{pair.sshd.ALIAS}:{relative}"  # the alias of the ssh_config given with -F
+    r = pair.runner(*args, env=pair.env)
+    assert r.code == 0, r
+    assert not (pair.local / "a.txt").exists(), r
+    assert (pair.local / "b.txt").exists()

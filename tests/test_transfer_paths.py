@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -384,3 +386,56 @@ def test_version_stem_groups_the_partials_of_one_file() -> None:
     assert execute._version_stem(other) != execute._version_stem(old)
     assert execute._version_stem("d/a.txt") is None
     assert execute._version_stem("d/.a.x/y.leftpart") is None  # a tag never holds '/'
+
+
+# -- one shell for the run ------------------------------------------------------------------
+
+
+def _tree(root: Path, count: int) -> dict[str, str]:
+    sums = {}
+    for i in range(count):
+        name = f"d{i % 3}/it's {i}\n.txt"
+        (root / name).parent.mkdir(exist_ok=True)
+        data = os.urandom(i * 7)
+        (root / name).write_bytes(data)
+        sums[name] = hashlib.md5(data).hexdigest()
+    return sums
+
+
+def test_one_shell_answers_the_probe_and_every_hash_batch(remote, monkeypatch) -> None:
+    t, root = remote
+    monkeypatch.setattr(sftp, "_HASH_BATCH", 7)
+    sums = _tree(root, 40)
+    assert t.can_hash()
+    assert t.hash_files(sorted(sums)) == sums
+    assert t.hash_files(sorted(sums)[:3] + ["missing"]) == {p: sums[p] for p in sorted(sums)[:3]}
+    assert len(t._all_shells) == 1 and t._all_shells[0].alive
+
+
+def test_hashes_asked_at_once_get_shells_of_their_own(remote) -> None:
+    t, root = remote
+    sums = _tree(root, 30)
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: t.hash_files(sorted(sums)), range(6)))
+    assert answers == [sums] * 6
+    assert 1 <= len(t._all_shells) <= 3
+    assert sorted(t._shells, key=id) == sorted(t._all_shells, key=id)  # all idle again
+
+
+def test_a_shell_that_went_away_is_replaced(remote) -> None:
+    t, root = remote
+    sums = _tree(root, 5)
+    assert t.hash_files(sorted(sums)) == sums
+    done, out = t._ask_shell("exit 3", "test")
+    assert (done, out) == (False, b"")
+    assert not t._all_shells[0].alive and t._shells == []
+    assert t.hash_files(sorted(sums)) == sums
+    assert len(t._all_shells) == 2 and t._all_shells[1].alive
+
+
+def test_the_connection_acknowledges_at_once_and_sends_without_delay(remote) -> None:
+    t, _ = remote
+    sock = t._t.sock
+    if sftp._QUICKACK is not None:
+        assert isinstance(sock, sftp._AckingSocket)
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)

@@ -1,18 +1,25 @@
 """Remote hashing commands for an SSH peer: build the command lines, parse their output.
 
 Pure code: nothing here opens a connection or touches a file. The caller runs the
-strings with ``exec_command`` and hands the captured bytes back to the parsers.
+strings on the peer and hands the captured bytes back to the parsers.
+
+A login shell costs a start-up per command (a user's ``.bashrc`` can make that a
+third of a second), so the probe and the batched hashes of a run go through one
+long-lived shell: :data:`SESSION_COMMAND` starts ``sh`` reading scripts on stdin,
+and :func:`session_request` wraps each script so that its output ends in a marker
+line the client waits for. The prefix hash of a resume and the hash that follows a
+large upload are commands of their own (the latter reads its requests on stdin).
 
 The remote login shell is assumed to be POSIX sh compatible (bash, dash, zsh, busybox
 ash, ksh). Quoting follows these rules:
 
-* the root directory is the only caller-supplied string on a command line; it is
-  made explicit (``./`` in front of a relative path, so it can never be read as an
-  option, as ``-`` meaning ``$OLDPWD``, or be looked up in ``$CDPATH``) and then
-  quoted with :func:`shlex.quote`;
-* the names to hash never appear on a command line: they are sent on stdin,
-  NUL-terminated, each prefixed with ``./`` so that neither the hash tool nor xargs
-  can read one as an option or as ``-`` (stdin); ``--`` ends the options as well;
+* the root directory is made explicit (``./`` in front of a relative path, so it can
+  never be read as an option, as ``-`` meaning ``$OLDPWD``, or be looked up in
+  ``$CDPATH``) and then quoted with :func:`shlex.quote`;
+* each name to hash is prefixed with ``./``, so that neither the hash tool nor xargs
+  can read one as an option or as ``-`` (stdin), and single-quoted (a ``'`` in it
+  becomes ``'\\''``); the names are arguments of the ``printf`` builtin, which prints
+  them NUL-terminated into ``xargs -0``; ``--`` ends the options as well;
 * the single name of :func:`prefix_hash_command` is quoted the same way.
 
 Relative roots are relative to the login directory; ``~`` is not expanded.
@@ -30,14 +37,15 @@ __all__ = [
     "FOLLOW_BLOCK",
     "PROBE_COMMAND",
     "HashTool",
-    "hash_command",
-    "hash_stdin",
     "parse_hash_output",
     "parse_prefix_hash",
     "parse_probe",
     "follow_hash_command",
     "follow_hash_request",
     "prefix_hash_command",
+    "SESSION_COMMAND",
+    "hash_script",
+    "session_request",
 ]
 
 EMPTY_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
@@ -70,7 +78,7 @@ _PREFERENCE = (HashTool.GNU_Z, HashTool.GNU, HashTool.BSD)
 
 def _build_probe() -> str:
     # Each candidate hashes /dev/null (empty input) through exactly the pipeline that
-    # hash_command uses (names on stdin, xargs -0, '--'), and must print the empty MD5
+    # hash_script uses (names NUL-terminated, xargs -0, '--'), and must print the empty MD5
     # next to the name. For -z the record must end in NUL: tr swaps NUL and newline,
     # so a newline-terminated (non -z) answer leaves `read` without a full line.
     check = (
@@ -143,29 +151,6 @@ def _check_relpath(path: str) -> str:
 
 def _encode(path: str) -> bytes:
     return path.encode(_ENCODING, _ERRORS)
-
-
-def hash_command(tool: HashTool, root: str) -> str:
-    """Return the command hashing every name that :func:`hash_stdin` feeds it, under ``root``.
-
-    xargs runs the tool as often as the argument size limit needs. Never run it with
-    an empty list: GNU xargs would then hash its own (empty) stdin as ``-``, which the
-    parser ignores, but BSD xargs has no ``-r`` to make that portable. Missing or
-    unreadable files are reported on stderr and skipped, and make the exit status
-    non-zero (xargs: 123), so the status does not say whether the other hashes are good.
-    The caller should write stdin while reading stdout, then close stdin.
-    """
-    return f"cd -- {_quote_root(root)} && xargs -0 {HashTool(tool).value} --"
-
-
-def hash_stdin(paths: Sequence[str]) -> bytes:
-    """Return the stdin for :func:`hash_command`: ``./path`` NUL-terminated, per path.
-
-    Paths are relative to the root. Names that came from undecodable bytes (surrogate
-    escapes) are sent as those bytes. Raises ValueError for an empty or absolute path
-    or one containing NUL.
-    """
-    return b"".join(b"./" + _encode(_check_relpath(p)) + b"\x00" for p in paths)
 
 
 def _unescape(name: bytes) -> bytes | None:
@@ -420,3 +405,68 @@ def parse_prefix_hash(tool: HashTool, stdout: bytes) -> str | None:
         return None
     match = _PREFIX_HASH_LINE.fullmatch(rest[0])
     return match.group(1).decode("ascii").lower() if match else None
+
+
+# -- one shell for many commands -------------------------------------------------------------
+
+SESSION_COMMAND = "exec sh 2>/dev/null"
+"""Run once per session: ``sh`` reading commands on stdin, its errors discarded.
+
+The first bytes it is sent (see :func:`session_request`) are plain text, so a peer
+that runs an SFTP server whatever the command (``ForceCommand internal-sftp``) reads
+a length far beyond its limit and closes the channel at once.
+"""
+
+_PRINTF_CHUNK = 32 << 10  # argument bytes per printf: far below any ARG_MAX, builtin or not
+
+
+def _quote_bytes(name: bytes) -> bytes:
+    return b"'" + name.replace(b"'", b"'\\''") + b"'"
+
+
+def hash_script(tool: HashTool, root: str, paths: Sequence[str]) -> bytes:
+    """Return the session script hashing ``paths`` (relative to ``root``) with ``tool``.
+
+    The names, ``./`` in front and single-quoted, are printed NUL-terminated by
+    ``printf`` (a shell builtin; in pieces, should it not be one) into the same
+    ``xargs -0 TOOL --``, in a subshell, so ``cd`` does not stay. xargs runs the
+    tool as often as the argument size limit needs; missing or unreadable files are
+    reported on stderr and skipped. Its output is what :func:`parse_hash_output` reads. Raises
+    ValueError for an empty list, or an empty or absolute path or one with NUL.
+    """
+    if not paths:
+        raise ValueError("nothing to hash")
+    parts: list[bytes] = []
+    size = 0
+    for p in paths:
+        word = _quote_bytes(b"./" + _encode(_check_relpath(p)))
+        if size and size + len(word) > _PRINTF_CHUNK:
+            parts.append(b"; printf '%s\\0'")
+            size = 0
+        parts.append(b" " + word)
+        size += len(word) + 1
+    return (
+        b"(cd -- "
+        + _quote_root(root).encode(_ENCODING, _ERRORS)
+        + b" && { printf '%s\\0'"
+        + b"".join(parts)
+        + b"; } | xargs -0 "
+        + HashTool(tool).value.encode()
+        + b" --)"
+    )
+
+
+def session_request(script: str | bytes, marker: str) -> tuple[bytes, bytes]:
+    """Return (what to send, what ends its answer) for one script in the session.
+
+    ``marker`` must be unique to the request (a random token and a counter): the
+    answer is everything the script printed before the marker line. Raises
+    ValueError for a marker that is not a plain word.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", marker):
+        raise ValueError(f"marker must be a plain word, not {marker!r}")
+    body = script.encode(_ENCODING, _ERRORS) if isinstance(script, str) else script
+    if b"\x00" in body:
+        raise ValueError("script contains NUL")
+    request = body + b"\nprintf '\\n%s\\n' " + marker.encode() + b"\n"
+    return request, b"\n" + marker.encode() + b"\n"

@@ -8,6 +8,7 @@ exception is translated here into a ``LeftsshError`` (stops the run) or a
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import posixpath
 import queue
@@ -274,7 +275,7 @@ class _DirLister:
 
 def _open_socket(settings: SshSettings) -> socket.socket:
     try:
-        return socket.create_connection(
+        sock = socket.create_connection(
             (settings.hostname, settings.port), timeout=settings.connect_timeout
         )
     except socket.gaierror as e:
@@ -285,6 +286,34 @@ def _open_socket(settings: SshSettings) -> socket.socket:
         raise ConnectError(
             f"cannot connect to {settings.hostname}:{settings.port}: {e.strerror or e}"
         ) from e
+    # A request and the one after it often leave as two small packets; with Nagle's
+    # algorithm the second waits for the peer's delayed ACK (tens of ms) first.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if _QUICKACK is None:
+        return sock
+    return _AckingSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+
+
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+class _AckingSocket(socket.socket):
+    """A TCP socket that acknowledges what it receives at once (Linux TCP_QUICKACK).
+
+    The peer's sshd keeps Nagle's algorithm on: a small packet it sends right after
+    another waits until that one is acknowledged. A client waiting for that second
+    packet has nothing to send, so its ACK would be delayed by up to 40 ms: after
+    authentication (OpenSSH's host key announcement, then the channel confirmation),
+    and wherever an answer follows a notice. The kernel leaves quick-ACK mode by
+    itself, so it is asked again after every read.
+    """
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        with contextlib.suppress(OSError):
+            self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]
+        return data
 
 
 def _load_known_hosts(paths: list[Path]) -> paramiko.HostKeys:
@@ -956,6 +985,58 @@ class _GuardedWriter(_Writer):
             raise
 
 
+class _Shell:
+    """One long-lived ``sh`` on the peer that runs script after script (remote_shell).
+
+    A command of its own would pay the login shell's start-up each time. Answers are
+    read up to the marker of their request; a session whose shell went away (or
+    never was one) answers what it printed, if anything, and is not used again.
+    """
+
+    _READ = 64 << 10
+
+    def __init__(self, t: paramiko.Transport, timeout: float) -> None:
+        self._chan = t.open_session(timeout=timeout)
+        self._chan.settimeout(timeout)
+        self._chan.exec_command(remote_shell.SESSION_COMMAND)
+        self._token = os.urandom(8).hex()
+        self._count = 0
+        self._in = bytearray()
+        self.alive = True
+
+    def ask(self, script: str | bytes) -> tuple[bool, bytes]:
+        """Run ``script``; return (whether it finished, what it printed)."""
+        if not self.alive:
+            return False, b""
+        self._count += 1
+        request, end = remote_shell.session_request(script, f"leftssh-{self._token}-{self._count}")
+        try:
+            self._chan.sendall(request)
+        except OSError:
+            # The shell is gone (or the command was never one): take what it said.
+            pass
+        searched = 0
+        while True:
+            at = self._in.find(end, searched)
+            if at >= 0:
+                out = bytes(self._in[:at])
+                del self._in[: at + len(end)]
+                return True, out
+            searched = max(0, len(self._in) - len(end) + 1)
+            data = self._chan.recv(self._READ)
+            if not data:
+                self.alive = False
+                out = bytes(self._in)
+                self._in.clear()
+                return False, out
+            self._in += data
+
+    def close(self) -> None:
+        self.alive = False
+        with contextlib.suppress(Exception):
+            self._chan.close()
+
+
 class SFTPTransport:
     """A share directory on an SSH peer."""
 
@@ -971,6 +1052,8 @@ class SFTPTransport:
         self._tool: remote_shell.HashTool | None = None
         self._probed = False
         self._probe_lock = threading.Lock()
+        self._shells: list[_Shell] = []  # idle ones
+        self._all_shells: list[_Shell] = []
         self._lock_path: str | None = None
         self._real_root: str | None = None
         sftp = self.client()
@@ -1254,13 +1337,34 @@ class SFTPTransport:
         chan.close()
         return status, out, b"".join(err_buf)
 
+    def _ask_shell(self, script: str | bytes, what: str) -> tuple[bool, bytes]:
+        """Run ``script`` in an idle session shell (a new one if none is idle)."""
+        with self._lock:
+            shell = self._shells.pop() if self._shells else None
+        if shell is None:
+            try:
+                shell = _Shell(self._t, self.timeout)
+            except Exception as e:  # a refused channel leaves the connection as it was
+                raise _io_error(e, f"starting a remote shell ({what})") from e
+            with self._lock:
+                self._all_shells.append(shell)
+        try:
+            done, out = shell.ask(script)
+        except Exception as e:
+            shell.close()
+            raise self._error(e, what) from e
+        if shell.alive:
+            with self._lock:
+                self._shells.append(shell)
+        return done, out
+
     def _hash_tool(self) -> remote_shell.HashTool | None:
         if not self._probed:
             with self._probe_lock:
                 if not self._probed:
                     try:
-                        status, out, _ = self.run(remote_shell.PROBE_COMMAND)
-                        self._tool = remote_shell.parse_probe(out, status)
+                        done, out = self._ask_shell(remote_shell.PROBE_COMMAND, "probing md5sum")
+                        self._tool = remote_shell.parse_probe(out, 0 if done else 1)
                     except ConnectError:
                         if not self._t.is_active():
                             raise
@@ -1281,8 +1385,8 @@ class SFTPTransport:
             batch = paths[i : i + _HASH_BATCH]
             for p in batch:
                 check_name(p.rpartition("/")[2])
-            command = remote_shell.hash_command(tool, self.root)
-            _, out, _ = self.run(command, remote_shell.hash_stdin(batch))
+            script = remote_shell.hash_script(tool, self.root, batch)
+            _, out = self._ask_shell(script, "hashing")
             result.update(remote_shell.parse_hash_output(tool, out, batch))
         return result
 
@@ -1691,6 +1795,8 @@ class SFTPTransport:
 
     def close(self) -> None:
         self.release_lock()
+        for shell in self._all_shells:
+            shell.close()
         for sftp in self._clients:
             try:
                 sftp.close()

@@ -188,10 +188,16 @@ class CountingProxy:
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
         try:
             sfd, dfd = src.fileno(), dst.fileno()
+            quickack = getattr(socket, "TCP_QUICKACK", None)
             while True:
                 n = os.splice(sfd, w, 1 << 20)
                 if n == 0:
                     return
+                if quickack is not None:
+                    # Acknowledge at once, as the endpoint behind the proxy would when it
+                    # answers: a delayed ACK here would hold the sender's next small
+                    # packet (Nagle) for up to 40 ms, a stall a direct connection lacks.
+                    src.setsockopt(socket.IPPROTO_TCP, quickack, 1)
                 self._count(attr, n)
                 while n:
                     n -= os.splice(r, dfd, n)
@@ -606,6 +612,14 @@ class Bench:
         )
         self.ssh_config.chmod(0o600)
         self.runner = Runner(self)
+        # An installed package is byte-compiled (pip does it at install time); a
+        # checkout run with PYTHONDONTWRITEBYTECODE set would otherwise compile every
+        # module of leftssh again at each start. Compile once, as an install would.
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", str(REPO / "leftssh")],
+            check=True,
+            env=self.runner.env,
+        )
         probe = subprocess.run(
             [sys.executable, "-m", "leftssh", "sync", "--help"],
             cwd=self.work,
