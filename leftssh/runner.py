@@ -113,9 +113,18 @@ class Connecting:
 
     Connecting is mostly waiting for the peer (key exchange, authentication, the
     SFTP subsystem starting), so the local share is locked and scanned meanwhile.
+    Given ``scan`` rules, the thread then goes on to lock the remote share (with
+    ``lock_command``, once the local side is locked: the order of a run's locks
+    stays local first) and to list it, while the local scan still runs.
     """
 
-    def __init__(self, target: Target, opts: RunOptions) -> None:
+    def __init__(
+        self,
+        target: Target,
+        opts: RunOptions,
+        scan: IgnoreRules | None = None,
+        lock_command: str | None = None,
+    ) -> None:
         self.target = target
         self._lock = threading.Lock()
         self._remote: Transport | None = None
@@ -123,10 +132,21 @@ class Connecting:
         self._resolved = threading.Event()
         self._error: BaseException | None = None
         self._abandoned = False
+        self._rules = scan
+        self._lock_command = lock_command
+        self._local_locked = threading.Event()
+        self._busy = False
+        self.locked = False
+        self._manifest: Manifest | None = None
+        self._scan_error: BaseException | None = None
         self._thread = threading.Thread(
             target=self._connect, args=(target, opts), name="connect", daemon=True
         )
         self._thread.start()
+
+    @property
+    def scans(self) -> bool:
+        return self._rules is not None
 
     def _connect(self, target: Target, opts: RunOptions) -> None:
         try:
@@ -141,17 +161,53 @@ class Connecting:
             return
         with self._lock:
             self._remote = remote
-            if not self._abandoned:
+            if not self._abandoned and self._rules is None:
                 return
-        _close_quietly(remote)
+            abandoned = self._abandoned
+            self._busy = not abandoned
+        if not abandoned:
+            try:
+                self._lock_and_scan(remote)
+            finally:
+                with self._lock:
+                    self._busy = False
+                    abandoned = self._abandoned
+        if abandoned:
+            _close_quietly(remote)  # which removes a lock taken meanwhile
+
+    def _lock_and_scan(self, remote: Transport) -> None:
+        assert self._rules is not None
+        try:
+            if self._lock_command is not None:
+                self._local_locked.wait()
+                if self._abandoned:
+                    return
+                if remote.root_exists():
+                    remote.acquire_lock(self._lock_command)
+                    self.locked = True
+            if not self._abandoned:
+                self._manifest = remote.scan(self._rules)
+        except BaseException as e:
+            self._scan_error = e
+
+    def local_side_locked(self) -> None:
+        """The local share is locked (or needs no lock): the remote one may be locked now."""
+        self._local_locked.set()
 
     def result(self) -> Transport:
-        """Wait for the connection; raise what stopped it."""
+        """Wait for the connection (and the scan, if asked for); raise what stopped it."""
         self._thread.join()
         if self._error is not None:
             raise self._error
         assert self._remote is not None
         return self._remote
+
+    def scanned(self) -> Manifest:
+        """The remote manifest (after ``result``); raise what stopped the lock or the scan."""
+        if self._scan_error is not None:
+            raise self._scan_error
+        assert self._manifest is not None
+        return self._manifest
 
     def settings(self) -> SshSettings | None:
         """The SSH settings of the target once resolved (before the connection is made);
@@ -160,11 +216,19 @@ class Connecting:
         return self._settings
 
     def abandon(self) -> None:
-        """The run ends before it used the connection: close it whenever it is made."""
+        """The run ends before it used the connection: close it whenever it is made.
+
+        A thread still locking or listing the remote side is waited for, so that a
+        lock it took is removed before the run exits.
+        """
         with self._lock:
             self._abandoned = True
             remote = self._remote
-        if remote is not None:
+            busy = self._busy
+        self._local_locked.set()
+        if busy:
+            self._thread.join()  # the thread closes the connection itself
+        elif remote is not None:
             _close_quietly(remote)
 
 
@@ -177,19 +241,28 @@ def scan_sides(
 ) -> tuple[Transport, Manifest, Manifest]:
     """Lock (with ``locks``) and scan each side, then drop what the combined ignore
     rules of both exclude. The local side goes first, while ``remote`` may still be
-    connecting, and then ``meanwhile`` is called (the local lock held) if the
-    connection is not made yet; returns the connected remote transport and the two
-    manifests."""
+    connecting (and, if it ``scans``, then locking and listing the remote side), and
+    then ``meanwhile`` is called (the local lock held) if the remote side is not done
+    yet; returns the connected remote transport and the two manifests."""
     if locks is not None and local.root_exists():
         locks.take(local)
+    if isinstance(remote, Connecting):
+        remote.local_side_locked()
     local_m = local.scan(ignore)
     if isinstance(remote, Connecting):
+        pending = remote
         if meanwhile is not None:
             meanwhile()
-        remote = remote.result()
-    if locks is not None and remote.root_exists():
-        locks.take(remote)
-    remote_m = remote.scan(ignore)
+        remote = pending.result()
+        if pending.scans:
+            if pending.locked:
+                assert locks is not None
+                locks.adopt(remote)
+            remote_m = pending.scanned()
+        else:
+            remote_m = _lock_and_scan(remote, ignore, locks)
+    else:
+        remote_m = _lock_and_scan(remote, ignore, locks)
     rules = combined_rules(ignore, local_m, remote_m)
     # Each scan applied the project rules and its own side's .leftignore files; when
     # both sides hold the same ones, those are already the combined rules.
@@ -197,6 +270,12 @@ def scan_sides(
     filter_ignored(local_m, rules, entries=again)
     filter_ignored(remote_m, rules, entries=again)
     return remote, local_m, remote_m
+
+
+def _lock_and_scan(remote: Transport, ignore: IgnoreRules, locks: _Locks | None) -> Manifest:
+    if locks is not None and remote.root_exists():
+        locks.take(remote)
+    return remote.scan(ignore)
 
 
 def _close_remote(remote: Transport | None, pending: Connecting | None) -> None:
@@ -220,7 +299,7 @@ def oneway(
         raise UsageError(f"local share {local_dir} does not exist (use -d to choose another)")
     if local_dir.exists() and not local_dir.is_dir():
         raise UsageError(f"local share {local_dir} is not a directory")
-    pending = Connecting(target, opts)
+    pending = Connecting(target, opts, ignore, None if opts.dry_run else direction)
     remote: Transport | None = None
     local = LocalTransport(local_dir)
     locks = _Locks(direction)
@@ -307,6 +386,12 @@ class _Locks:
         if t in self.held:
             return
         t.acquire_lock(self.command)
+        self.adopt(t)
+
+    def adopt(self, t: Transport) -> None:
+        """Hold (touch, then release) a lock taken on ``t`` already."""
+        if t in self.held:
+            return
         self.held.append(t)
         if self._beat is None:
             self._beat = Heartbeat([self._touch]).start()
@@ -430,7 +515,9 @@ def sync(
         raise UsageError(f"local share {local_dir} is not a directory")
     read_only = mode == "status" or opts.dry_run
     owned = remote is None
-    pending = Connecting(target, opts) if remote is None else None
+    pending = (
+        Connecting(target, opts, ignore, None if read_only else mode) if remote is None else None
+    )
     local = LocalTransport(local_dir)
     locks = _Locks(mode)
     early = _EarlyBase(opts, pending)
@@ -555,7 +642,7 @@ def verify(target: Target, opts: RunOptions, reporter: Reporter, stop: threading
     ignore = IgnoreRules.from_project(local_dir)
     if not local_dir.is_dir():
         raise UsageError(f"local share {local_dir} does not exist")
-    pending = Connecting(target, opts)
+    pending = Connecting(target, opts, ignore)
     remote: Transport | None = None
     local = LocalTransport(local_dir)
     try:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -754,3 +755,52 @@ def test_a_relative_remote_path_finds_the_same_base(pair: Pair) -> None:
     assert r.code == 0, r
     assert not (pair.local / "a.txt").exists(), r
     assert (pair.local / "b.txt").exists()
+
+
+def _held_by_this_process(command: str = "sync") -> str:
+    holder = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "command": command,
+        "started": "2026-01-01T00:00:00Z",
+    }
+    return json.dumps(holder) + "\n"
+
+
+def test_a_run_refused_by_the_local_lock_leaves_the_remote_share_unlocked(pair: Pair) -> None:
+    """The remote side is locked and listed while the local side is scanned, but only
+    after the local lock is taken: a run refused there never holds the remote lock."""
+    write_file(pair.local / "a.txt", "a\n", mtime=MTIME)
+    write_file(pair.local / LOCK, _held_by_this_process())
+    seen: list[bool] = []
+    watching = True
+
+    def watch() -> None:
+        while watching:
+            seen.append((pair.remote / LOCK).exists())
+
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    try:
+        r = pair.sync(code=7)
+    finally:
+        watching = False
+        th.join(5)
+    assert f"pid {os.getpid()}" in r.stderr, r
+    assert not any(seen) and not (pair.remote / LOCK).exists()
+    assert not (pair.remote / "a.txt").exists()
+
+
+def test_a_remote_refusal_or_scan_error_releases_the_local_lock(pair: Pair) -> None:
+    write_file(pair.local / "a.txt", "a\n", mtime=MTIME)
+    write_file(pair.remote / LOCK, _held_by_this_process())
+    r = pair.sync(code=7)
+    assert f"pid {os.getpid()}" in r.stderr, r
+    assert not (pair.local / LOCK).exists()
+    (pair.remote / LOCK).unlink()
+    (pair.remote / "sub").mkdir()
+    (pair.remote / "sub" / ".leftignore").write_bytes(b"\xff\xfe not UTF-8\n")
+    r = pair.sync(code=2)
+    assert ".leftignore" in r.stderr, r
+    assert not (pair.local / LOCK).exists() and not (pair.remote / LOCK).exists()
+    assert not (pair.remote / "a.txt").exists()

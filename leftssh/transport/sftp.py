@@ -59,7 +59,15 @@ from leftssh.errors import (
 )
 from leftssh.ignore import IGNORE_FILE, IgnoreRules
 from leftssh.model import DIR, FILE, Entry, Manifest, Skipped, shared_int
-from leftssh.paths import PARTIAL_SUFFIX, UnsafePath, check_name, display, is_internal, join
+from leftssh.paths import (
+    MAX_NAME_BYTES,
+    PARTIAL_SUFFIX,
+    UnsafePath,
+    check_name,
+    display,
+    is_internal,
+    join,
+)
 from leftssh.target import SshSettings
 from leftssh.transport import remote_shell
 from leftssh.transport.base import HashUnavailable, matches
@@ -103,16 +111,14 @@ _U64 = struct.Struct(">Q")
 _MAX_ANSWER = 1 << 24  # no SFTP answer to the pipeline's requests is this large
 
 
-class _Listed:
-    """One directory entry as a READDIR answer gave it (what the scan reads of it)."""
+_Listed = tuple[str, int, int, int]
+"""One directory entry as a READDIR answer gave it: name, mode, size, mtime (0 if absent)."""
 
-    __slots__ = ("filename", "st_mode", "st_size", "st_mtime")
-
-    def __init__(self, filename: str, mode: int | None, size: int | None, mtime: int | None):
-        self.filename = filename
-        self.st_mode = mode
-        self.st_size = size
-        self.st_mtime = mtime
+_FLAG_SIZE = paramiko.SFTPAttributes.FLAG_SIZE
+_FLAG_UIDGID = paramiko.SFTPAttributes.FLAG_UIDGID
+_FLAG_PERMISSIONS = paramiko.SFTPAttributes.FLAG_PERMISSIONS
+_FLAG_AMTIME = paramiko.SFTPAttributes.FLAG_AMTIME
+_FLAG_EXTENDED = paramiko.SFTPAttributes.FLAG_EXTENDED
 
 
 def _parse_names(data: bytes) -> list[_Listed]:
@@ -123,39 +129,40 @@ def _parse_names(data: bytes) -> list[_Listed]:
     there). Names that are not UTF-8 become surrogate escapes, which the scan reports.
     A truncated answer raises instead of being padded with zeros.
     """
+    u32, u64 = _U32.unpack_from, _U64.unpack_from
     try:
-        (count,) = _U32.unpack_from(data, 0)
+        (count,) = u32(data, 0)
         pos = 4
         found = []
         for _ in range(count):
-            (n,) = _U32.unpack_from(data, pos)
+            (n,) = u32(data, pos)
             name = data[pos + 4 : pos + 4 + n]
             pos += 4 + n
-            (n,) = _U32.unpack_from(data, pos)  # the "ls -l" line, unused
+            (n,) = u32(data, pos)  # the "ls -l" line, unused
             pos += 4 + n
-            (flags,) = _U32.unpack_from(data, pos)
+            (flags,) = u32(data, pos)
             pos += 4
-            size = mode = mtime = None
-            if flags & paramiko.SFTPAttributes.FLAG_SIZE:
-                (size,) = _U64.unpack_from(data, pos)
+            size = mode = mtime = 0
+            if flags & _FLAG_SIZE:
+                (size,) = u64(data, pos)
                 pos += 8
-            if flags & paramiko.SFTPAttributes.FLAG_UIDGID:
+            if flags & _FLAG_UIDGID:
                 pos += 8
-            if flags & paramiko.SFTPAttributes.FLAG_PERMISSIONS:
-                (mode,) = _U32.unpack_from(data, pos)
+            if flags & _FLAG_PERMISSIONS:
+                (mode,) = u32(data, pos)
                 pos += 4
-            if flags & paramiko.SFTPAttributes.FLAG_AMTIME:
-                (mtime,) = _U32.unpack_from(data, pos + 4)
+            if flags & _FLAG_AMTIME:
+                (mtime,) = u32(data, pos + 4)
                 pos += 8
-            if flags & paramiko.SFTPAttributes.FLAG_EXTENDED:
-                (pairs,) = _U32.unpack_from(data, pos)
+            if flags & _FLAG_EXTENDED:
+                (pairs,) = u32(data, pos)
                 pos += 4
                 for _ in range(2 * pairs):
-                    (n,) = _U32.unpack_from(data, pos)
+                    (n,) = u32(data, pos)
                     pos += 4 + n
             if pos > len(data):
                 raise struct.error("truncated")
-            found.append(_Listed(name.decode("utf-8", "surrogateescape"), mode, size, mtime))
+            found.append((name.decode("utf-8", "surrogateescape"), mode, size, mtime))
     except struct.error as e:
         raise paramiko.SFTPError(f"malformed directory listing: {e}") from None
     return found
@@ -1189,27 +1196,19 @@ class SFTPTransport:
                 manifest.unreadable.add(rel_dir)
                 manifest.skipped.append(Skipped(rel_dir or ".", f"unreadable: {err}"))
                 continue
-            attrs.sort(key=lambda a: a.filename)
-            names: set[str] = set()
-            twice: set[str] = set()
-            for a in attrs:
-                if a.filename in names and a.filename not in twice:
-                    twice.add(a.filename)
-                    manifest.skipped.append(Skipped(join(rel_dir, a.filename), "duplicate name"))
-                names.add(a.filename)
-            # A listing that names an entry twice contradicts itself: trust neither.
-            attrs = [a for a in attrs if a.filename not in twice]
-            for a in attrs:
-                if a.filename == IGNORE_FILE and stat.S_ISREG(a.st_mode or 0):
-                    data = self._read_small(join(rel_dir, a.filename))
+            attrs.sort()
+            twice = {b[0] for a, b in zip(attrs, attrs[1:], strict=False) if a[0] == b[0]}
+            if twice:
+                # A listing that names an entry twice contradicts itself: trust neither.
+                for name in sorted(twice):
+                    manifest.skipped.append(Skipped(join(rel_dir, name), "duplicate name"))
+                attrs = [a for a in attrs if a[0] not in twice]
+            for name, mode, _, _ in attrs:
+                if name == IGNORE_FILE and stat.S_ISREG(mode):
+                    data = self._read_small(join(rel_dir, name))
                     manifest.ignore_files[rel_dir] = data
                     rules.add_nested(rel_dir, data)
-            seen: set[str] = set()
-            for a in attrs:
-                if a.filename in seen:
-                    continue
-                seen.add(a.filename)
-                self._scan_one(a, rel_dir, rules, manifest, stack)
+            self._scan_dir(attrs, rel_dir, rules, manifest, stack)
             for rel in stack[: -_LIST_AHEAD - 1 : -1]:  # the next ones to be listed
                 try:
                     lister.want(rel, self.full(rel))
@@ -1227,57 +1226,61 @@ class SFTPTransport:
                 raise err from e
             raise UsageError(f"cannot read remote {path}: {err}") from e
 
-    def _scan_one(
+    def _scan_dir(
         self,
-        a: _Listed,
+        attrs: list[_Listed],
         rel_dir: str,
         rules: IgnoreRules,
         manifest: Manifest,
         stack: list[str],
     ) -> None:
-        name = a.filename
-        if name in (".", ".."):
-            return
-        rel = join(rel_dir, name)
-        try:
-            check_name(name)
-        except UnsafePath:
-            manifest.skipped.append(Skipped(join(rel_dir, display(name)), "unsafe name"))
-            return
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            manifest.skipped.append(Skipped(rel, "undecodable name (not UTF-8)"))
-            return
-        mode = a.st_mode or 0
-        if is_internal(name):
-            if name.endswith(PARTIAL_SUFFIX) and stat.S_ISREG(mode):
-                manifest.partials[rel] = a.st_size or 0
-            return
-        if stat.S_ISLNK(mode):
-            if not rules.is_ignored(rel, False):
-                manifest.skipped.append(Skipped(rel, "symlink"))
-            return
-        if stat.S_ISDIR(mode):
-            if rules.is_ignored(rel, True):
-                return
-            rel = sys.intern(rel)
-            manifest.entries[rel] = Entry(rel, DIR, mtime=shared_int(int(a.st_mtime or 0)))
-            stack.append(rel)
-            return
-        if rules.is_ignored(rel, False):
-            return
-        if not stat.S_ISREG(mode):
-            manifest.skipped.append(Skipped(rel, "special file"))
-            return
-        rel = sys.intern(rel)
-        manifest.entries[rel] = Entry(
-            rel,
-            FILE,
-            size=a.st_size or 0,
-            mtime=shared_int(int(a.st_mtime or 0)),
-            mode=shared_int(mode & 0o777),
-        )
+        """Record the entries of one listed directory (sorted, no name twice)."""
+        entries, skipped, ignored = manifest.entries, manifest.skipped, rules.is_ignored
+        prefix = rel_dir + "/" if rel_dir else ""
+        intern = sys.intern
+        for name, mode, size, mtime in attrs:
+            if name in (".", ".."):
+                continue
+            rel = prefix + name
+            # Most names are short and ASCII: only the others need the full checks.
+            if (
+                not (name and name.isascii() and len(name) <= MAX_NAME_BYTES)
+                or "/" in name
+                or "\x00" in name
+            ):
+                try:
+                    check_name(name)
+                except UnsafePath:
+                    skipped.append(Skipped(join(rel_dir, display(name)), "unsafe name"))
+                    continue
+                try:
+                    name.encode("utf-8")
+                except UnicodeEncodeError:
+                    skipped.append(Skipped(rel, "undecodable name (not UTF-8)"))
+                    continue
+            if is_internal(name):
+                if name.endswith(PARTIAL_SUFFIX) and stat.S_ISREG(mode):
+                    manifest.partials[rel] = size
+                continue
+            kind = stat.S_IFMT(mode)
+            if kind == stat.S_IFDIR:
+                if ignored(rel, True):
+                    continue
+                rel = intern(rel)
+                entries[rel] = Entry(rel, DIR, mtime=shared_int(mtime))
+                stack.append(rel)
+            elif kind == stat.S_IFLNK:
+                if not ignored(rel, False):
+                    skipped.append(Skipped(rel, "symlink"))
+            elif ignored(rel, False):
+                continue
+            elif kind != stat.S_IFREG:
+                skipped.append(Skipped(rel, "special file"))
+            else:
+                rel = intern(rel)
+                entries[rel] = Entry(
+                    rel, FILE, size=size, mtime=shared_int(mtime), mode=shared_int(mode & 0o777)
+                )
 
     def stat(self, path: str) -> Entry | None:
         try:
