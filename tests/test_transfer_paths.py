@@ -15,8 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 from leftssh import cli, execute
+from leftssh.ignore import IgnoreRules
 from leftssh.target import parse_target, resolve_ssh
 from leftssh.transport import sftp
+from leftssh.transport.local import LocalTransport
 from leftssh.transport.remote_shell import FOLLOW_BLOCK
 from leftssh.transport.sftp import SFTPTransport
 from tests.sshd import Sshd
@@ -439,3 +441,32 @@ def test_the_connection_acknowledges_at_once_and_sends_without_delay(remote) -> 
     if sftp._QUICKACK is not None:
         assert isinstance(sock, sftp._AckingSocket)
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+# -- listing ----------------------------------------------------------------------------
+
+
+def test_the_remote_listing_sees_what_a_local_scan_sees(remote) -> None:
+    """Many directories listed ahead, nested .leftignore files read between listings,
+    odd names: the SFTP scan and the local scan of the same tree agree."""
+    t, root = remote
+    for d in range(70):
+        sub = root / f"d{d:02}" / "inner"
+        sub.mkdir(parents=True)
+        for i in range(5):
+            (sub.parent / f"f{i}.txt").write_bytes(b"x" * (d * 5 + i))
+        (sub / "deep.bin").write_bytes(b"deep")
+        if d % 9 == 0:
+            (sub.parent / ".leftignore").write_text("f1.txt\ninner/\n")
+    (root / "it's a\nnewline \u00e9").write_text("odd")
+    (root / ("long" * 60)).write_text("long name")
+    (root / "link").symlink_to("d00")
+    (root / ".x.abc.leftpart").write_text("partial")
+    rules = IgnoreRules.from_project(root)
+    got, want = t.scan(rules), LocalTransport(root).scan(rules)
+    assert got.entries == want.entries
+    assert got.ignore_files == want.ignore_files and len(got.ignore_files) == 8
+    assert sorted(got.skipped, key=str) == sorted(want.skipped, key=str)
+    assert got.partials == want.partials
+    assert "d09/f1.txt" not in got.entries and "d09/inner" not in got.entries
+    assert "d10/f1.txt" in got.entries and "d10/inner/deep.bin" in got.entries

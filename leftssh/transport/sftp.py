@@ -183,98 +183,78 @@ class _DirLister:
 
     Listing a directory takes at least three round trips (OPENDIR, READDIR until
     EOF, CLOSE); the scan asks for the next directories on its stack ahead of
-    time, so their requests travel together instead of one after another.
-    Results come back per directory, in any order the scan asks for them.
+    time, so their requests travel together (in a :class:`_Pipeline`) instead of
+    one after another. Results come back per directory, in any order the scan asks
+    for them. While requests are out, the channel is the lister's: ``quiesce``
+    first, to use it otherwise.
     """
 
     def __init__(self, sftp: paramiko.SFTPClient) -> None:
-        self.sftp = sftp
-        self._order: collections.deque[int] = collections.deque()
-        self._tags: dict[int, tuple[str, int]] = {}
-        self._early: dict[int, tuple[int, paramiko.Message]] = {}
+        self._pipe = _Pipeline(sftp)
         self._dirs: dict[str, _Listing] = {}
-
-    def _async_response(self, t: int, msg: paramiko.Message, num: int) -> None:
-        self._early[num] = (t, msg)
-
-    def _send(self, key: str, t: int, *args: object) -> None:
-        num = self.sftp._async_request(self, t, *args)
-        self._order.append(num)
-        self._tags[num] = (key, t)
 
     def want(self, key: str, path: str) -> None:
         """Start listing ``path`` (remembered as ``key``) unless already started."""
         if key not in self._dirs:
-            self._dirs[key] = _Listing()
-            self._send(key, CMD_OPENDIR, path.encode("utf-8", "surrogateescape"))
+            listing = self._dirs[key] = _Listing()
+            name = path.encode("utf-8", "surrogateescape")
+            self._pipe.send(self._opened(listing), CMD_OPENDIR, name)
 
     def get(self, key: str, path: str) -> list[_Listed]:
         """Return the entries of ``path``; raise what listing it raised."""
         self.want(key, path)
         listing = self._dirs[key]
         while not listing.done:
-            if not self._order:
+            if not len(self._pipe):
                 raise paramiko.SFTPError("directory listing stalled")
-            self._step()
+            self._pipe.step()
         del self._dirs[key]
         if listing.error is not None:
             raise listing.error
         return listing.entries
 
+    def quiesce(self) -> None:
+        """Finish every listing started (their results are kept for ``get``)."""
+        self._pipe.drain()
+
     def finish(self) -> None:
         """Collect the answers still due (CLOSEs, directories never asked for)."""
         try:
-            while self._order:
-                self._step()
+            self._pipe.drain()
         except Exception:
             pass
 
-    def _step(self) -> None:
-        num = self._order.popleft()
-        key, t_sent = self._tags.pop(num)
-        listing = self._dirs.get(key)
-        got = self._early.pop(num, None)
-        try:
-            if got is None:
-                t, msg = self.sftp._read_response(num)
-            else:
-                t, msg = got
-                if t == CMD_STATUS:
-                    self.sftp._convert_status(msg)
-        except EOFError as e:  # the end of a listing (anywhere else: a broken peer)
-            if listing is not None and t_sent != CMD_CLOSE and not listing.done:
-                if t_sent != CMD_READDIR:
-                    listing.error = e
-                self._close(key, listing)
-            return
-        except OSError as e:
-            if _stops_pipeline(e):
-                raise
-            if listing is not None and t_sent != CMD_CLOSE and not listing.done:
-                listing.error = e
-                self._close(key, listing)
-            return
-        if listing is None or t_sent == CMD_CLOSE or listing.done:
-            return
-        try:
-            if t_sent == CMD_OPENDIR:
-                if t != CMD_HANDLE:
-                    raise paramiko.SFTPError("expected a handle")
-                listing.handle = msg.get_binary()
-            else:
-                if t != CMD_NAME:
-                    raise paramiko.SFTPError("expected a name response")
-                listing.entries.extend(_parse_names(msg.get_remainder()))
-        except paramiko.SFTPError as e:
-            listing.error = e
-            self._close(key, listing)
-            return
-        self._send(key, CMD_READDIR, listing.handle)
+    def _opened(self, listing: _Listing) -> _Callback:
+        def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+            if error is not None or msg is None or t != CMD_HANDLE:
+                self._end(listing, error or paramiko.SFTPError("expected a handle"))
+                return
+            listing.handle = msg.get_binary()
+            self._pipe.send(self._read(listing), CMD_READDIR, listing.handle)
 
-    def _close(self, key: str, listing: _Listing) -> None:
+        return done
+
+    def _read(self, listing: _Listing) -> _Callback:
+        def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+            if isinstance(error, _EndOfFile):  # the end of the listing
+                self._end(listing, None)
+            elif error is not None or msg is None or t != CMD_NAME:
+                self._end(listing, error or paramiko.SFTPError("expected a name response"))
+            else:
+                try:
+                    listing.entries.extend(_parse_names(msg.get_remainder()))
+                except paramiko.SFTPError as e:
+                    self._end(listing, e)
+                    return
+                self._pipe.send(self._read(listing), CMD_READDIR, listing.handle)
+
+        return done
+
+    def _end(self, listing: _Listing, error: BaseException | None) -> None:
         listing.done = True
+        listing.error = error
         if listing.handle is not None:
-            self._send(key, CMD_CLOSE, listing.handle)
+            self._pipe.send(_ignore, CMD_CLOSE, listing.handle)
 
 
 # -- connecting -----------------------------------------------------------
@@ -673,7 +653,7 @@ class _Pipeline:
             try:
                 self._sftp._convert_status(paramiko.Message(body))
             except EOFError as e:
-                callback(0, None, OSError(f"unexpected end of file: {e}"))
+                callback(0, None, _EndOfFile(f"unexpected end of file: {e}"))
                 return
             except OSError as e:
                 callback(0, None, e)
@@ -682,6 +662,10 @@ class _Pipeline:
 
 
 _Callback = Callable[[int, "paramiko.Message | None", "BaseException | None"], None]
+
+
+class _EndOfFile(OSError):
+    """An SFTP EOF status, as a pipeline callback gets it (the end of a listing)."""
 
 
 class _Raw(bytes):
@@ -1205,6 +1189,7 @@ class SFTPTransport:
                 attrs = [a for a in attrs if a[0] not in twice]
             for name, mode, _, _ in attrs:
                 if name == IGNORE_FILE and stat.S_ISREG(mode):
+                    lister.quiesce()  # the file is read over the lister's channel
                     data = self._read_small(join(rel_dir, name))
                     manifest.ignore_files[rel_dir] = data
                     rules.add_nested(rel_dir, data)
