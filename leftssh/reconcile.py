@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from leftssh.model import (
     DIR,
+    FILE,
     Action,
     BaseEntry,
     Entry,
@@ -99,10 +100,12 @@ def needs_hash_sync(base: Base, local: Manifest, remote: Manifest, checksum: boo
     """
     out = []
     for path, le in local.entries.items():
-        re = remote.entries.get(path)
         b = base.get(path)
         if le.is_dir:
             continue
+        if not checksum and b is not None and b.local == (le.size, le.mtime, le.mode):
+            continue  # unchanged here (as change_of would say): no MD5 needed
+        re = remote.entries.get(path)
         if re is not None and not re.is_dir:
             if (
                 le.size == re.size
@@ -182,8 +185,21 @@ def plan_sync(
     # With --checksum a record may gain the MD5 both sides now agree on, so the base
     # is never taken as current then.
     current = not checksum
+    lget, rget, bget = local.entries.get, remote.entries.get, base.get
     for path in paths:
-        le, re, b = local.entries.get(path), remote.entries.get(path), base.get(path)
+        le, re, b = lget(path), rget(path), bget(path)
+        if not checksum and b is not None and le is not None and re is not None:
+            # change_of's answer for the common case, unchanged on both sides, inline.
+            if b.kind == FILE:
+                if (
+                    le.kind == FILE
+                    and re.kind == FILE
+                    and b.local == (le.size, le.mtime, le.mode)
+                    and b.remote == (re.size, re.mtime, re.mode)
+                ):
+                    continue
+            elif b.kind == DIR and le.kind == DIR and re.kind == DIR:
+                continue
         cl = change_of(le, b, L, checksum)
         cr = change_of(re, b, R, checksum)
         if not cl.changed and not cr.changed:

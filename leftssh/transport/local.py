@@ -19,6 +19,7 @@ from leftssh.errors import ChangedError, TransferError, UsageError
 from leftssh.ignore import IGNORE_FILE, IgnoreRules
 from leftssh.model import DIR, FILE, Entry, Manifest, Skipped, shared_int
 from leftssh.paths import (
+    MAX_NAME_BYTES,
     PARTIAL_SUFFIX,
     STATE_DIR,
     UnsafePath,
@@ -222,12 +223,14 @@ class LocalTransport:
             if name.endswith(PARTIAL_SUFFIX) and child.is_file(follow_symlinks=False):
                 manifest.partials[rel] = child.stat(follow_symlinks=False).st_size
             return
-        try:
-            check_name(name)
-            name.encode("utf-8")
-        except (UnsafePath, UnicodeEncodeError):
-            manifest.skipped.append(Skipped(rel, "unsafe or undecodable name"))
-            return
+        # Most names are short and ASCII: only the others need the full checks.
+        if not (name.isascii() and len(name) <= MAX_NAME_BYTES):
+            try:
+                check_name(name)
+                name.encode("utf-8")
+            except (UnsafePath, UnicodeEncodeError):
+                manifest.skipped.append(Skipped(rel, "unsafe or undecodable name"))
+                return
         try:
             st = child.stat(follow_symlinks=False)
         except OSError as e:
