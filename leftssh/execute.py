@@ -105,6 +105,7 @@ class Executor:
         self._settler: ThreadPoolExecutor | None = None
         self._settling: Future | None = None
         self._verify_mode: str | None = None
+        self._probed = threading.Event()  # the background md5 probe has answered
         self._index_lock = threading.Lock()
         self._partials_by_stem: dict[Side, dict[str, list[str]]] = {}
         self._limiter = RateLimiter(self.options.bwlimit) if self.options.bwlimit else None
@@ -148,6 +149,34 @@ class Executor:
             self.remote.can_hash()
         except Exception:
             pass  # verify_mode() asks again and reports what stops the run
+        finally:
+            self._probed.set()
+
+    def _mode_to_start(self, actions: list[Action]) -> str:
+        """The verification mode, or "" when copying may start before it is known.
+
+        Small uploads need it only to settle. Others need it to start only to resume
+        a partial (proving its prefix takes MD5): while the background probe of the
+        peer is still out and no partial of these versions was found, they start at
+        once, and the peer's hash of a large upload joins when the probe answers.
+        """
+        if all(self._pipelined(a) for a in actions):
+            return ""
+        if (
+            self._verify_mode is None
+            and self.options.verify == "auto"
+            and not self._probed.is_set()
+            and not any(self._resumable(a) for a in actions)
+        ):
+            return ""
+        return self.verify_mode()
+
+    def _resumable(self, a: Action) -> bool:
+        if a.source is None:
+            return False
+        _, _, dst_side = self._endpoints(a)
+        partial = partial_name(a.path, version_tag(a.source.size, a.source.mtime))
+        return partial in self.manifests[dst_side].partials
 
     # -- the run -------------------------------------------------------------
 
@@ -311,10 +340,7 @@ class Executor:
         the caller goes on copying the next batch (at most one batch settles at a time;
         ``_settled`` waits for it).
         """
-        # Small uploads need the verification mode only to settle: they need not wait
-        # for the peer's md5sum probe (still running in the background) to start.
-        small_only = all(self._pipelined(a) for a in actions)
-        mode = "" if small_only else self.verify_mode()
+        mode = self._mode_to_start(actions)
         copies = {a.path: _Copy(a, "") for a in actions}
         self._check_stop()
         prehash = self._start_source_hash(actions, mode)
@@ -416,8 +442,12 @@ class Executor:
         _wait_all([self._pool.submit(fn, a) for a in actions])
 
     def _start_source_hash(self, actions: list[Action], mode: str) -> Future | None:
-        """For downloads, start the peer's MD5 of the sources now, alongside the copies."""
-        if mode != "md5" or not actions:
+        """For downloads, start the peer's MD5 of the sources now, alongside the copies.
+
+        With the mode not known yet ("") it starts too (it waits for the probe); if
+        MD5 turns out unavailable, the batch settles by size and never asks for it.
+        """
+        if mode not in ("md5", "") or not actions:
             return None
         src, dst, _ = self._endpoints(actions[0])
         if dst is not self.local or src is self.local:
@@ -438,8 +468,6 @@ class Executor:
         if small:
             # What the pipeline could not place goes the one-file-at-a-time way.
             rest += self._copy_small(small, copies)
-        if rest and not mode:
-            mode = self.verify_mode()
         self._map(lambda a: self._copy_guarded(copies[a.path], resume, mode), rest)
         return actions
 
@@ -531,7 +559,7 @@ class Executor:
                 local_t, local_path = (dst, c.partial) if dst is self.local else (src, a.path)
                 hasher = _prefix_hash(local_t, local_path, offset)
         c.resumed_from = offset if resume else c.resumed_from
-        follow = mode == "md5" and source.size - offset >= FOLLOW_MIN
+        follow = mode in ("md5", "") and source.size - offset >= FOLLOW_MIN
         out = dst.open_write(c.partial, offset, (source.mtime, source.mode), follow=follow)
         c.attrs_set = False
         c.dst_md5 = None

@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -470,3 +472,113 @@ def test_the_remote_listing_sees_what_a_local_scan_sees(remote) -> None:
     assert got.partials == want.partials
     assert "d09/f1.txt" not in got.entries and "d09/inner" not in got.entries
     assert "d10/f1.txt" in got.entries and "d10/inner/deep.bin" in got.entries
+
+
+def test_a_follower_that_starts_late_catches_up(remote, monkeypatch) -> None:
+    """Writing starts before the md5 probe answers; the peer's hash joins when it does,
+    asks at once for everything acknowledged so far, and still covers the whole file."""
+    t, root = remote
+    monkeypatch.setattr(sftp, "FOLLOW_STEP", FOLLOW_BLOCK)
+    monkeypatch.setattr(sftp, "WRITE_AHEAD", FOLLOW_BLOCK)
+    gate = threading.Event()
+    real_tool = SFTPTransport._hash_tool
+
+    def slow_tool(self: SFTPTransport):  # noqa: ANN202
+        gate.wait(30)
+        return real_tool(self)
+
+    monkeypatch.setattr(SFTPTransport, "_hash_tool", slow_tool)
+    asked: list[tuple[int, int]] = []
+    real_ask = sftp._Follower._ask
+
+    def spy(self: sftp._Follower, upto: int) -> None:
+        asked.append((self._blocks, upto))
+        real_ask(self, upto)
+
+    monkeypatch.setattr(sftp._Follower, "_ask", spy)
+    data = os.urandom(6 * FOLLOW_BLOCK + 321)
+    out = t.open_write(".late.leftpart", 0, (1_700_000_000, 0o640), follow=True)
+    view = memoryview(data)
+    half = 14 * 300_000  # about 4 MiB, written while the probe is out
+    for at in range(0, half, 300_000):
+        out.write(bytes(view[at : at + 300_000]))
+    assert out.follower is None and out.joining is not None
+    gate.set()
+    for at in range(half, len(data), 300_000):
+        out.write(bytes(view[at : at + 300_000]))
+    out.close()
+    assert out.md5 == hashlib.md5(data).hexdigest()
+    assert (root / ".late.leftpart").read_bytes() == data
+    assert asked[0][0] == 0 and asked[0][1] >= 2, asked  # the catch-up: many blocks at once
+    assert asked[-1][1] == 7
+
+
+def test_a_late_follower_of_an_abandoned_write_is_stopped(remote, monkeypatch) -> None:
+    t, root = remote
+    gate = threading.Event()
+    real_tool = SFTPTransport._hash_tool
+
+    def slow_tool(self: SFTPTransport):  # noqa: ANN202
+        gate.wait(30)
+        return real_tool(self)
+
+    monkeypatch.setattr(SFTPTransport, "_hash_tool", slow_tool)
+    aborted = threading.Event()
+    real_abort = sftp._Follower.abort
+
+    def spy(self: sftp._Follower) -> None:
+        aborted.set()
+        real_abort(self)
+
+    monkeypatch.setattr(sftp._Follower, "abort", spy)
+    out = t.open_write(".gone.leftpart", 0, None, follow=True)
+    out.write(b"x" * 1000)
+    out._drop_follower()  # as a failed write does
+    gate.set()
+    assert aborted.wait(10)
+    out.close()
+    assert out.md5 is None
+
+
+@pytest.mark.parametrize("direction", ["push", "pull"])
+def test_large_copies_start_before_the_md5_probe_answers(
+    sshd: Sshd, tmp_path: Path, monkeypatch, direction: str
+) -> None:
+    """A slow probe (a login shell that takes its time) does not hold the first large
+    copy back; the copy still ends up MD5-verified."""
+    monkeypatch.setattr(execute, "FOLLOW_MIN", 2 * FOLLOW_BLOCK)
+    events: list[str] = []
+    real_tool = SFTPTransport._hash_tool
+
+    def slow_tool(self: SFTPTransport):  # noqa: ANN202
+        if not self._probed:
+            time.sleep(1.0)
+        tool = real_tool(self)
+        events.append("probed")
+        return tool
+
+    monkeypatch.setattr(SFTPTransport, "_hash_tool", slow_tool)
+    for cls in (SFTPTransport, LocalTransport):
+        real_open = cls.open_write
+
+        def spy(self, *args, _real=real_open, **kwargs):  # noqa: ANN001, ANN202
+            events.append("open_write")
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "open_write", spy)
+    local, remote_dir = tmp_path / "local", tmp_path / "remote"
+    local.mkdir()
+    remote_dir.mkdir()
+    data = os.urandom(3 * FOLLOW_BLOCK + 5)
+    (local if direction == "push" else remote_dir).joinpath("big.bin").write_bytes(data)
+    result = CliRunner().invoke(
+        cli.main_group,
+        [direction, sshd.target(str(remote_dir)), "-d", str(local), "--json", *sshd.cli_args()],
+        env={"LEFTSSH_STATE_DIR": str(tmp_path / "state")},
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    (record,) = [json.loads(line) for line in result.output.splitlines() if '"action"' in line]
+    assert record["verified"] == "md5" and record["status"] == "ok", record
+    assert events.index("open_write") < events.index("probed"), events
+    assert (local / "big.bin").read_bytes() == (remote_dir / "big.bin").read_bytes() == data

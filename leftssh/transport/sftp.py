@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import BinaryIO
 
@@ -732,6 +733,8 @@ class _Writer:
         self.attrs: tuple[int, int] | None = None
         self.attrs_set = False
         self.follower: _Follower | None = None
+        self.joining: Future[_Follower | None] | None = None  # a follower still starting
+        self._acked = 0
         self.md5: str | None = None
 
     def _send(self, data: bytes) -> None:
@@ -743,9 +746,20 @@ class _Writer:
             self._ends.append(self._pos)
             while len(self._req.pending) > self._depth:
                 self._req.wait_oldest()
-                acked = self._ends.popleft()
-                if self.follower is not None:
-                    self.follower.advance(acked)
+                self._acked = self._ends.popleft()
+                follower = self._current_follower()
+                if follower is not None:
+                    follower.advance(self._acked)
+
+    def _current_follower(self, wait: bool = False) -> _Follower | None:
+        """The follower; one that was still starting joins (caught up) once it is ready."""
+        joining = self.joining
+        if joining is not None and (wait or joining.done()):
+            self.joining = None
+            self.follower = joining.result()
+            if self.follower is not None and self._acked:
+                self.follower.advance(self._acked)
+        return self.follower
 
     def _finish(self) -> None:
         """Send CLOSE after the writes, then collect every response; raise the first error."""
@@ -772,6 +786,7 @@ class _Writer:
         if error is not None:
             self._drop_follower()
             raise error
+        self._current_follower(wait=True)
         follower, self.follower = self.follower, None
         if follower is not None:
             self.md5 = follower.finish(self._pos)
@@ -799,6 +814,9 @@ class _Writer:
         follower, self.follower = self.follower, None
         if follower is not None:
             follower.abort()
+        joining, self.joining = self.joining, None
+        if joining is not None:
+            joining.add_done_callback(_abort_follower)
 
     def write(self, data: bytes) -> int:
         if self._error is not None:
@@ -844,6 +862,12 @@ class _Writer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _abort_follower(started: Future[_Follower | None]) -> None:
+    follower = started.result()
+    if follower is not None:
+        follower.abort()
 
 
 class _Follower:
@@ -1460,10 +1484,27 @@ class SFTPTransport:
         writer.on_lost = self._t.close
         writer.attrs = attrs
         if follow:
-            writer.follower = self._follower(path)
-            if writer.follower is not None and offset:
-                writer.follower.advance(offset)
+            writer._acked = offset
+            if self._probed:
+                writer.follower = self._follower(path)
+                if writer.follower is not None and offset:
+                    writer.follower.advance(offset)
+            else:
+                # The md5 probe has not answered yet: the writing need not wait for it.
+                writer.joining = self._start_follower(path)
         return writer  # type: ignore[return-value]
+
+    def _start_follower(self, path: str) -> Future[_Follower | None]:
+        started: Future[_Follower | None] = Future()
+
+        def run() -> None:
+            try:
+                started.set_result(self._follower(path))
+            except BaseException:
+                started.set_result(None)
+
+        threading.Thread(target=run, name="follower", daemon=True).start()
+        return started
 
     def _follower(self, path: str) -> _Follower | None:
         tool = self._hash_tool()
