@@ -474,12 +474,8 @@ def test_the_remote_listing_sees_what_a_local_scan_sees(remote) -> None:
     assert "d10/f1.txt" in got.entries and "d10/inner/deep.bin" in got.entries
 
 
-def test_a_follower_that_starts_late_catches_up(remote, monkeypatch) -> None:
-    """Writing starts before the md5 probe answers; the peer's hash joins when it does,
-    asks at once for everything acknowledged so far, and still covers the whole file."""
-    t, root = remote
-    monkeypatch.setattr(sftp, "FOLLOW_STEP", FOLLOW_BLOCK)
-    monkeypatch.setattr(sftp, "WRITE_AHEAD", FOLLOW_BLOCK)
+def _probe_held_back(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Make the md5 probe (and anything waiting for it) wait until the event is set."""
     gate = threading.Event()
     real_tool = SFTPTransport._hash_tool
 
@@ -488,6 +484,16 @@ def test_a_follower_that_starts_late_catches_up(remote, monkeypatch) -> None:
         return real_tool(self)
 
     monkeypatch.setattr(SFTPTransport, "_hash_tool", slow_tool)
+    return gate
+
+
+def test_a_follower_that_starts_late_catches_up(remote, monkeypatch) -> None:
+    """Writing starts before the md5 probe answers; the peer's hash joins when it does,
+    asks at once for everything acknowledged so far, and still covers the whole file."""
+    t, root = remote
+    monkeypatch.setattr(sftp, "FOLLOW_STEP", FOLLOW_BLOCK)
+    monkeypatch.setattr(sftp, "WRITE_AHEAD", FOLLOW_BLOCK)
+    gate = _probe_held_back(monkeypatch)
     asked: list[tuple[int, int]] = []
     real_ask = sftp._Follower._ask
 
@@ -515,14 +521,7 @@ def test_a_follower_that_starts_late_catches_up(remote, monkeypatch) -> None:
 
 def test_a_late_follower_of_an_abandoned_write_is_stopped(remote, monkeypatch) -> None:
     t, root = remote
-    gate = threading.Event()
-    real_tool = SFTPTransport._hash_tool
-
-    def slow_tool(self: SFTPTransport):  # noqa: ANN202
-        gate.wait(30)
-        return real_tool(self)
-
-    monkeypatch.setattr(SFTPTransport, "_hash_tool", slow_tool)
+    gate = _probe_held_back(monkeypatch)
     aborted = threading.Event()
     real_abort = sftp._Follower.abort
 
