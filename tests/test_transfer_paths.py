@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from leftssh import cli, execute
 from leftssh.ignore import IgnoreRules
+from leftssh.paths import UnsafePath
 from leftssh.target import parse_target, resolve_ssh
 from leftssh.transport import sftp
 from leftssh.transport.local import LocalTransport
@@ -299,6 +300,41 @@ def test_read_whole_reads_a_small_file_in_one_go_and_reports_its_size(tmp_path) 
     assert t.read_whole("small", 2) == (b"ab", 3, 1_600_000_000)
     data, size, _ = t.read_whole("big", 300_001)
     assert data == b"x" * 300_000 and size == 300_000
+
+
+def test_read_whole_keeps_its_directory_and_never_reads_through_a_symlink(tmp_path) -> None:
+    """The directory of consecutive reads is opened once; swapped for a symlink after
+    that, the reads still come from the directory that was checked, and a directory
+    that is a symlink when first opened is refused."""
+    share, outside = tmp_path / "share", tmp_path / "outside"
+    (share / "d").mkdir(parents=True)
+    outside.mkdir()
+    (share / "d" / "a").write_bytes(b"inside a")
+    (share / "d" / "b").write_bytes(b"inside b")
+    (outside / "b").write_bytes(b"SECRET")
+    (outside / "c").write_bytes(b"SECRET")
+    t = LocalTransport(share)
+    opened: list[str] = []
+    real = t._open_dir
+
+    def spy(rel_dir: str) -> int:
+        opened.append(rel_dir)
+        return real(rel_dir)
+
+    t._open_dir = spy  # type: ignore[method-assign]
+    assert t.read_whole("d/a", 100)[0] == b"inside a"
+    (share / "d").rename(tmp_path / "moved")
+    (share / "d").symlink_to(outside, target_is_directory=True)
+    assert t.read_whole("d/b", 100)[0] == b"inside b"  # the directory that was checked
+    assert opened == ["d"]
+    with pytest.raises(UnsafePath):  # a read from another thread opens its own: refused
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(t.read_whole, "d/c", 100).result()
+    t.close()
+    t = LocalTransport(share)
+    with pytest.raises(UnsafePath):
+        t.read_whole("d/c", 100)
+    t.close()
 
 
 class _FakeChannel:

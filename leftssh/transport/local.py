@@ -77,6 +77,8 @@ class LocalTransport:
         self._cache_dirty = False
         self._lock_path: str | None = None
         self._real_root: str | None = None
+        # The directory read_whole last read from: (thread, relative path, fd).
+        self._reading: tuple[int, str, int] | None = None
 
     # -- paths -------------------------------------------------------------
 
@@ -369,14 +371,51 @@ class LocalTransport:
                     remaining -= len(block)
                 yield block
 
+    def _reading_dir(self, rel_dir: str) -> tuple[int, bool]:
+        """The fd of ``rel_dir`` for read_whole, and whether it stays open (cached).
+
+        Small files come in path order, many from one directory: that directory is
+        opened (and proven to lie inside the share) once, not per file. The open fd
+        pins the directory it checked, so a later swap for a symlink cannot redirect
+        the reads. One thread keeps the cached fd; others get one of their own.
+        """
+        me = threading.get_ident()
+        cached = self._reading
+        if cached is not None and cached[0] == me and cached[1] == rel_dir:
+            return cached[2], True
+        for part in rel_dir.split("/") if rel_dir else ():
+            check_name(part)
+        try:
+            fd = self._open_dir(rel_dir)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafePath(f"{display(rel_dir)}: a parent directory is a symlink") from e
+            raise
+        if cached is not None and cached[0] != me:
+            return fd, False
+        self._reading = (me, rel_dir, fd)
+        if cached is not None:
+            os.close(cached[2])
+        return fd, True
+
     def read_whole(self, path: str, limit: int) -> tuple[bytes, int, int]:
         """Read up to ``limit`` bytes of a small file in one go.
 
         Returns (data, size, whole-second mtime), the last two taken from the open
         file after the read, so a file that changed while it was read is noticed.
         """
-        fd = self._open(path, os.O_RDONLY)
+        check_name(path.rpartition("/")[2])
+        rel_dir, _, name = path.rpartition("/")
+        dir_fd, keep = self._reading_dir(rel_dir)
         try:
+            flags = os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+            fd = os.open(name, flags, dir_fd=dir_fd)
+        finally:
+            if not keep:
+                os.close(dir_fd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", path)
             parts: list[bytes] = []
             have = 0
             while True:
@@ -564,3 +603,6 @@ class LocalTransport:
     def close(self) -> None:
         self.release_lock()
         self.save_cache()
+        reading, self._reading = self._reading, None
+        if reading is not None:
+            os.close(reading[2])
