@@ -127,19 +127,24 @@ class LocalTransport:
     @contextmanager
     def _parent(self, path: str) -> Iterator[tuple[int, str]]:
         """Yield (fd of the directory holding ``path``, its last name)."""
-        for part in path.split("/"):
-            check_name(part)
         rel_dir, _, name = path.rpartition("/")
-        try:
-            fd = self._open_dir(rel_dir)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise UnsafePath(f"{display(path)}: a parent directory is a symlink") from e
-            raise
+        check_name(name)
+        fd = self._open_checked_dir(rel_dir, path)
         try:
             yield fd, name
         finally:
             os.close(fd)
+
+    def _open_checked_dir(self, rel_dir: str, path: str) -> int:
+        """``_open_dir`` for a path on its way to ``path``, every name checked first."""
+        for part in rel_dir.split("/") if rel_dir else ():
+            check_name(part)
+        try:
+            return self._open_dir(rel_dir)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafePath(f"{display(path)}: a parent directory is a symlink") from e
+            raise
 
     def _open(self, path: str, flags: int, mode: int = 0o600) -> int:
         """Open a regular file of the share, following no symlink below the root.
@@ -383,14 +388,7 @@ class LocalTransport:
         cached = self._reading
         if cached is not None and cached[0] == me and cached[1] == rel_dir:
             return cached[2], True
-        for part in rel_dir.split("/") if rel_dir else ():
-            check_name(part)
-        try:
-            fd = self._open_dir(rel_dir)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise UnsafePath(f"{display(rel_dir)}: a parent directory is a symlink") from e
-            raise
+        fd = self._open_checked_dir(rel_dir, rel_dir)
         if cached is not None and cached[0] != me:
             return fd, False
         self._reading = (me, rel_dir, fd)
