@@ -319,6 +319,9 @@ class Runner:
         proxy = self.b.proxy
         if not proxy.wait_idle(10):
             raise BenchError("proxy still has open connections before a run")
+        # What the previous run wrote reaches the disk now, not during this run: each
+        # tool is timed on its own work, not on writing back the other's.
+        os.sync()
         c0, s0 = proxy.snapshot()
         full = cmd
         if self.b.args.profile and tool == "leftssh":
@@ -752,25 +755,37 @@ class Bench:
     def run_w3(self) -> None:
         src = self.small_tree()
         n = self.sizes.small_files
-        dst_l, dst_r = self.remote / "w3-leftssh", self.remote / "w3-rsync"
         r = self.runner
         assert r is not None
+        # Every run gets a destination of its own, and all are removed after the last
+        # pair: removing 10,000 files keeps the kernel busy for seconds afterwards
+        # (journal, discards), and a run timed right after such a removal creates its
+        # files several times slower, whichever tool it is.
+        made: list[Path] = []
 
-        def reset(d: Path) -> None:
-            if d.exists():
-                shutil.rmtree(d)
+        def fresh(tool: str) -> Path:
+            d = self.remote / f"w3-{tool}-{len(made)}"
+            made.append(d)
+            return d
 
         def left() -> Run:
-            run = r.measure("leftssh", r.leftssh_cmd("push", dst_l, src), 600)
-            check_count(dst_l, n)
+            dst = fresh("leftssh")
+            run = r.measure("leftssh", r.leftssh_cmd("push", dst, src), 600)
+            check_count(dst, n)
             return run
 
         def right() -> Run:
-            run = r.measure("rsync", r.rsync_cmd(f"{src}/", f"{ALIAS}:{dst_r}/"), 600)
-            check_count(dst_r, n)
+            dst = fresh("rsync")
+            run = r.measure("rsync", r.rsync_cmd(f"{src}/", f"{ALIAS}:{dst}/"), 600)
+            check_count(dst, n)
             return run
 
-        s = self.alternate("W3", left, right, lambda: reset(dst_l), lambda: reset(dst_r))
+        try:
+            s = self.alternate("W3", left, right)
+        finally:
+            for d in made:
+                shutil.rmtree(d, ignore_errors=True)
+            os.sync()
         s["files"] = n
         self.results["workloads"]["W3"] = s
 
