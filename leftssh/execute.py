@@ -29,7 +29,13 @@ from leftssh.model import (
     transfer_kind,
 )
 from leftssh.paths import PARTIAL_SUFFIX, partial_name, version_tag
-from leftssh.transport.base import HashUnavailable, Transport, matches
+from leftssh.transport.base import (
+    HashUnavailable,
+    PipelinedUploads,
+    Transport,
+    WholeReads,
+    matches,
+)
 
 BATCH_FILES = 2000
 BATCH_BYTES = 256 << 20
@@ -105,6 +111,9 @@ class Executor:
         self._settler: ThreadPoolExecutor | None = None
         self._settling: Future | None = None
         self._verify_mode: str | None = None
+        # Small uploads share one request pipeline where both sides offer it.
+        self._renames_pipelined = isinstance(self.remote, PipelinedUploads)
+        self._small_pipeline = self._renames_pipelined and isinstance(self.local, WholeReads)
         self._probed = threading.Event()  # the background md5 probe has answered
         self._index_lock = threading.Lock()
         self._partials_by_stem: dict[Side, dict[str, list[str]]] = {}
@@ -477,8 +486,7 @@ class Executor:
             a.kind is Kind.UPLOAD
             and a.source is not None
             and a.source.size <= SMALL_FILE
-            and hasattr(self.remote, "put_files")
-            and hasattr(self.local, "read_whole")
+            and self._small_pipeline
         )
 
     def _copy_small(self, actions: list[Action], copies: dict[str, _Copy]) -> list[Action]:
@@ -685,7 +693,7 @@ class Executor:
         """Rename verified partials into place: new remote names in one pipeline, the rest
         one by one (those re-check what they replace, see ``Transport.commit``)."""
         rest = actions
-        if hasattr(self.remote, "rename_new"):
+        if self._renames_pipelined:
             new = [
                 a
                 for a in actions

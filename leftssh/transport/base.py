@@ -1,9 +1,9 @@
-"""The one interface both sides of a sync implement."""
+"""The interface both sides of a sync implement, and the optional capabilities of some."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import BinaryIO, Protocol
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from leftssh.ignore import IgnoreRules
 from leftssh.model import Entry, Manifest
@@ -81,6 +81,32 @@ class Transport(Protocol):
     def release_lock(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class PipelinedUploads(Protocol):
+    """What a transport offers to receive many small files in one request pipeline."""
+
+    def put_files(
+        self, items: Iterable[tuple[str, bytes, tuple[int, int]]]
+    ) -> dict[str, Exception]:
+        """Create and fill each (partial path, content, (mtime, mode)); return the
+        failures by partial path (those are retried one by one)."""
+        ...
+
+    def rename_new(self, pairs: list[tuple[str, str]]) -> dict[str, Exception]:
+        """Rename each partial to a name that held nothing at the scan, never replacing
+        one; return the failures by partial path."""
+        ...
+
+
+@runtime_checkable
+class WholeReads(Protocol):
+    """What a transport offers to read a small file in one call."""
+
+    def read_whole(self, path: str, limit: int) -> tuple[bytes, int, int]:
+        """Return (up to ``limit`` bytes, size, whole-second mtime) of the open file."""
+        ...
 
 
 def matches(found: Entry | None, expected: Entry | None) -> bool:
