@@ -200,6 +200,8 @@ def plan_sync(
                     continue
             elif b.kind == DIR and le.kind == DIR and re.kind == DIR:
                 continue
+        if le is None or re is None:
+            current = False  # a new base keeps no record for a path one side lacks
         cl = change_of(le, b, L, checksum)
         cr = change_of(re, b, R, checksum)
         if not cl.changed and not cr.changed:

@@ -114,8 +114,9 @@ class Connecting:
     Connecting is mostly waiting for the peer (key exchange, authentication, the
     SFTP subsystem starting), so the local share is locked and scanned meanwhile.
     Given ``scan`` rules, the thread then goes on to lock the remote share (with
-    ``lock_command``, once the local side is locked: the order of a run's locks
-    stays local first) and to list it, while the local scan still runs.
+    ``locks``, once the local side is locked: the order of a run's locks stays
+    local first, and the lock is refreshed from the moment it is taken) and to
+    list it, while the local scan still runs.
     """
 
     def __init__(
@@ -123,7 +124,7 @@ class Connecting:
         target: Target,
         opts: RunOptions,
         scan: IgnoreRules | None = None,
-        lock_command: str | None = None,
+        locks: _Locks | None = None,
     ) -> None:
         self.target = target
         self._lock = threading.Lock()
@@ -133,10 +134,9 @@ class Connecting:
         self._error: BaseException | None = None
         self._abandoned = False
         self._rules = scan
-        self._lock_command = lock_command
+        self._locks = locks
         self._local_locked = threading.Event()
-        self._busy = False
-        self.locked = False
+        self._lock_settled = threading.Event()  # the remote lock is taken, or will not be
         self._manifest: Manifest | None = None
         self._scan_error: BaseException | None = None
         self._thread = threading.Thread(
@@ -158,33 +158,31 @@ class Connecting:
             remote = open_remote(target, opts, self._settings)
         except BaseException as e:
             self._error = e
+            self._lock_settled.set()
             return
         with self._lock:
             self._remote = remote
-            if not self._abandoned and self._rules is None:
-                return
             abandoned = self._abandoned
-            self._busy = not abandoned
-        if not abandoned:
-            try:
-                self._lock_and_scan(remote)
-            finally:
-                with self._lock:
-                    self._busy = False
-                    abandoned = self._abandoned
-        if abandoned:
-            _close_quietly(remote)  # which removes a lock taken meanwhile
+        if abandoned or self._rules is None:
+            self._lock_settled.set()
+            if abandoned:
+                _close_quietly(remote)
+            return
+        self._lock_and_scan(remote)
 
     def _lock_and_scan(self, remote: Transport) -> None:
         assert self._rules is not None
         try:
-            if self._lock_command is not None:
-                self._local_locked.wait()
-                if self._abandoned:
-                    return
-                if remote.root_exists():
-                    remote.acquire_lock(self._lock_command)
-                    self.locked = True
+            try:
+                if self._locks is not None:
+                    self._local_locked.wait()
+                    with self._lock:
+                        if self._abandoned:
+                            return
+                    if remote.root_exists():
+                        self._locks.take(remote)
+            finally:
+                self._lock_settled.set()
             if not self._abandoned:
                 self._manifest = remote.scan(self._rules)
         except BaseException as e:
@@ -218,18 +216,17 @@ class Connecting:
     def abandon(self) -> None:
         """The run ends before it used the connection: close it whenever it is made.
 
-        A thread still locking or listing the remote side is waited for, so that a
-        lock it took is removed before the run exits.
+        A remote lock being taken is waited for (not the listing after it), so that
+        closing the connection removes it before the run exits; the closed connection
+        then ends the listing.
         """
         with self._lock:
             self._abandoned = True
             remote = self._remote
-            busy = self._busy
         self._local_locked.set()
-        if busy:
-            self._thread.join()  # the thread closes the connection itself
-        elif remote is not None:
-            _close_quietly(remote)
+        if remote is not None:
+            self._lock_settled.wait()
+            _close_quietly(remote)  # which removes a remote lock taken meanwhile
 
 
 def scan_sides(
@@ -255,9 +252,6 @@ def scan_sides(
             meanwhile()
         remote = pending.result()
         if pending.scans:
-            if pending.locked:
-                assert locks is not None
-                locks.adopt(remote)
             remote_m = pending.scanned()
         else:
             remote_m = _lock_and_scan(remote, ignore, locks)
@@ -299,10 +293,10 @@ def oneway(
         raise UsageError(f"local share {local_dir} does not exist (use -d to choose another)")
     if local_dir.exists() and not local_dir.is_dir():
         raise UsageError(f"local share {local_dir} is not a directory")
-    pending = Connecting(target, opts, ignore, None if opts.dry_run else direction)
+    locks = _Locks(direction)
+    pending = Connecting(target, opts, ignore, None if opts.dry_run else locks)
     remote: Transport | None = None
     local = LocalTransport(local_dir)
-    locks = _Locks(direction)
     try:
         remote, local_m, remote_m = scan_sides(
             local, pending, ignore, None if opts.dry_run else locks
@@ -375,37 +369,40 @@ def _fill_hashes(
 
 
 class _Locks:
-    """Locks taken on each side for one run; released in reverse order."""
+    """Locks taken on each side for one run; released in reverse order.
+
+    The remote lock may be taken on the connecting thread (see ``Connecting``).
+    """
 
     def __init__(self, command: str) -> None:
         self.command = command
         self.held: list[Transport] = []
         self._beat: Heartbeat | None = None
+        self._mutex = threading.Lock()
 
     def take(self, t: Transport) -> None:
         if t in self.held:
             return
         t.acquire_lock(self.command)
-        self.adopt(t)
-
-    def adopt(self, t: Transport) -> None:
-        """Hold (touch, then release) a lock taken on ``t`` already."""
-        if t in self.held:
-            return
-        self.held.append(t)
-        if self._beat is None:
-            self._beat = Heartbeat([self._touch]).start()
+        with self._mutex:
+            self.held.append(t)
+            if self._beat is None:
+                self._beat = Heartbeat([self._touch]).start()
 
     def _touch(self) -> None:
-        for t in list(self.held):
+        with self._mutex:
+            held = list(self.held)
+        for t in held:
             t.touch_lock()
 
     def release(self) -> None:
-        if self._beat is not None:
-            self._beat.stop()
-        for t in reversed(self.held):
+        with self._mutex:
+            beat, held = self._beat, list(self.held)
+            self.held.clear()
+        if beat is not None:
+            beat.stop()
+        for t in reversed(held):
             t.release_lock()
-        self.held.clear()
 
 
 def _pair_store(target: Target, opts: RunOptions, remote: Transport) -> BaseStore:
@@ -515,15 +512,22 @@ def sync(
         raise UsageError(f"local share {local_dir} is not a directory")
     read_only = mode == "status" or opts.dry_run
     owned = remote is None
+    locks = _Locks(mode)
     pending = (
-        Connecting(target, opts, ignore, None if read_only else mode) if remote is None else None
+        Connecting(target, opts, ignore, None if read_only else locks) if remote is None else None
     )
     local = LocalTransport(local_dir)
-    locks = _Locks(mode)
     early = _EarlyBase(opts, pending)
+
+    def early_read() -> None:
+        # Only under the local lock (the base belongs to the local side): with no local
+        # share yet there is none, and the base is read after the remote lock instead.
+        if read_only or local in locks.held:
+            early.read()
+
     try:
         remote, local_m, remote_m = scan_sides(
-            local, pending or remote, ignore, None if read_only else locks, early.read
+            local, pending or remote, ignore, None if read_only else locks, early_read
         )
         store = _pair_store(target, opts, remote)
         base = early.load(store)

@@ -1218,3 +1218,14 @@ def test_base_is_current_after_an_agreed_sync_only() -> None:
     assert not work(plan) and not plan.base_current
     gone = {p: e for p, e in entries.items() if p != "y"}  # deleted on both sides
     assert not plan_sync(base, manifest(gone), manifest(dict(gone))).base_current
+
+
+def test_a_record_of_one_side_only_is_never_current() -> None:
+    """A base record whose side has no snapshot, the path absent there: nothing to do,
+    but a new base would drop the record, so the base is not current."""
+    entries = tree([f("y")])
+    base = agreed(list(entries.values()))
+    one_sided = {"y": replace(base["y"], remote=None)}
+    plan = plan_sync(one_sided, manifest(entries), manifest({}))
+    assert not work(plan) and not plan.base_current
+    assert not same_base(one_sided, base_records(one_sided, entries, {}, set()))

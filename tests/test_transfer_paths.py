@@ -617,3 +617,24 @@ def test_large_copies_start_before_the_md5_probe_answers(
     assert record["verified"] == "md5" and record["status"] == "ok", record
     assert events.index("open_write") < events.index("probed"), events
     assert (local / "big.bin").read_bytes() == (remote_dir / "big.bin").read_bytes() == data
+
+
+def test_an_answer_cut_off_by_a_dying_shell_is_not_trusted(remote, monkeypatch) -> None:
+    """A hash batch whose shell goes away before its marker gives no hash at all, even
+    for the lines that came through; the next batch gets a new shell."""
+    t, root = remote
+    sums = _tree(root, 4)
+    names = sorted(sums)
+    real_script = sftp.remote_shell.hash_script
+    cut = {"once": True}
+
+    def dying(tool, base, paths):  # noqa: ANN001, ANN202
+        script = real_script(tool, base, paths)
+        if cut.pop("once", False):
+            return script + b"; exit 0"  # the answers, then the shell is gone
+        return script
+
+    monkeypatch.setattr(sftp.remote_shell, "hash_script", dying)
+    assert t.can_hash()
+    assert t.hash_files(names) == {}
+    assert t.hash_files(names) == sums

@@ -79,6 +79,7 @@ class LocalTransport:
         self._real_root: str | None = None
         # The directory read_whole last read from: (thread, relative path, fd).
         self._reading: tuple[int, str, int] | None = None
+        self._reading_lock = threading.Lock()
 
     # -- paths -------------------------------------------------------------
 
@@ -389,9 +390,11 @@ class LocalTransport:
         if cached is not None and cached[0] == me and cached[1] == rel_dir:
             return cached[2], True
         fd = self._open_checked_dir(rel_dir, rel_dir)
-        if cached is not None and cached[0] != me:
-            return fd, False
-        self._reading = (me, rel_dir, fd)
+        with self._reading_lock:
+            cached = self._reading
+            if cached is not None and cached[0] != me:
+                return fd, False
+            self._reading = (me, rel_dir, fd)
         if cached is not None:
             os.close(cached[2])
         return fd, True
@@ -601,6 +604,7 @@ class LocalTransport:
     def close(self) -> None:
         self.release_lock()
         self.save_cache()
-        reading, self._reading = self._reading, None
+        with self._reading_lock:
+            reading, self._reading = self._reading, None
         if reading is not None:
             os.close(reading[2])

@@ -1213,7 +1213,10 @@ class SFTPTransport:
                 attrs = [a for a in attrs if a[0] not in twice]
             for name, mode, _, _ in attrs:
                 if name == IGNORE_FILE and stat.S_ISREG(mode):
-                    lister.quiesce()  # the file is read over the lister's channel
+                    try:
+                        lister.quiesce()  # the file is read over the lister's channel
+                    except Exception as e:
+                        raise self._error(e, f"listing {rel_dir or '.'}") from e
                     data = self._read_small(join(rel_dir, name))
                     manifest.ignore_files[rel_dir] = data
                     rules.add_nested(rel_dir, data)
@@ -1398,8 +1401,9 @@ class SFTPTransport:
             for p in batch:
                 check_name(p.rpartition("/")[2])
             script = remote_shell.hash_script(tool, self.root, batch)
-            _, out = self._ask_shell(script, "hashing")
-            result.update(remote_shell.parse_hash_output(tool, out, batch))
+            done, out = self._ask_shell(script, "hashing")
+            if done:  # an answer cut off by a shell that went away is not trusted at all
+                result.update(remote_shell.parse_hash_output(tool, out, batch))
         return result
 
     def hash_prefix(self, path: str, length: int) -> str | None:
