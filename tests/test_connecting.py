@@ -45,14 +45,19 @@ def _held_scan(
     return release, started
 
 
+def _connecting(local_dir: Path, remote_dir: Path, locks: _Locks) -> Connecting:
+    """Start connecting to ``remote_dir`` (a local directory target) to lock and list it."""
+    opts = RunOptions(local_dir=local_dir)
+    return Connecting(
+        parse_target(str(remote_dir)), opts, IgnoreRules.from_project(local_dir), locks
+    )
+
+
 def test_the_remote_lock_is_refreshed_from_the_moment_it_is_taken(sides, monkeypatch) -> None:
     local_dir, remote_dir = sides
     release, started = _held_scan(monkeypatch, remote_dir)
-    opts = RunOptions(local_dir=local_dir)
     locks = _Locks("sync")
-    pending = Connecting(
-        parse_target(str(remote_dir)), opts, IgnoreRules.from_project(local_dir), locks
-    )
+    pending = _connecting(local_dir, remote_dir, locks)
     local = LocalTransport(local_dir)
     try:
         locks.take(local)
@@ -75,11 +80,8 @@ def test_the_remote_lock_is_refreshed_from_the_moment_it_is_taken(sides, monkeyp
 def test_a_run_that_stops_waits_for_the_lock_not_the_listing(sides, monkeypatch) -> None:
     local_dir, remote_dir = sides
     release, started = _held_scan(monkeypatch, remote_dir)
-    opts = RunOptions(local_dir=local_dir)
     locks = _Locks("sync")
-    pending = Connecting(
-        parse_target(str(remote_dir)), opts, IgnoreRules.from_project(local_dir), locks
-    )
+    pending = _connecting(local_dir, remote_dir, locks)
     try:
         pending.local_side_locked()
         assert started.wait(10)
