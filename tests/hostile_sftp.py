@@ -3,8 +3,8 @@
 A real OpenSSH server cannot imitate a hostile peer, so this one is built from paramiko's
 server side. It serves a real directory (``backing``, seen by the client as ``/``) and
 answers ``exec`` requests for the commands leftssh sends (the session shell with the md5
-probe and batched ``md5sum -z`` scripts, the ``head -c | md5sum`` prefix hash) by
-computing the answers itself.
+probe, batched ``md5sum -z`` and ``head -c | md5sum`` prefix hash scripts, and the
+commands of its own) by computing the answers itself.
 Every answer can be made hostile through the attributes documented on the class; they
 are read on each request, so a test can change them between runs.
 
@@ -248,11 +248,15 @@ class HostileServer:
                 channel.close()
 
     def answer_script(self, script: bytes) -> bytes:
-        """What the session shell prints for one script: the probe or a hash batch."""
+        """What the session shell prints for one script: the probe, a hash batch or a prefix hash."""
         text = script.decode("utf-8", "surrogateescape")
         self.exec_log.append(text)
         if text == PROBE_COMMAND:
             return b"gnu-z\n"
+        if text.startswith("(") and text.endswith(")"):
+            prefix = self._answer_prefix(text[1:-1])
+            if prefix is not None:
+                return prefix[1]
         words = _shell_words(script)
         shape = [w for w, quoted in words[:7]]
         if shape[:3] != ["(", "cd", "--"] or words[-8:] != _HASH_TAIL:
@@ -283,15 +287,22 @@ class HostileServer:
             return 0, junk.replace(b"gnu", b"GNU").replace(b"bsd", b"BSD"), b""
         if command == PROBE_COMMAND:
             return 0, b"gnu-z\n", b""
-        prefix = self._parse_prefix(command)
+        prefix = self._answer_prefix(command)
         if prefix is not None:
-            root, name, count = prefix
-            data = self._read(posixpath.join(root, name), count)
-            if data is None:
-                return 1, b"leftssh-rc=1\n" + hashlib.md5(b"").hexdigest().encode() + b"  -\n", b""
-            digest = hashlib.md5(data + (b"lie" if mode == "lie" else b"")).hexdigest()
-            return 0, b"leftssh-rc=0\n" + digest.encode() + b"  -\n", b""
+            return prefix[0], prefix[1], b""
         return 127, b"", b"sh: 1: unknown command\n"
+
+    def _answer_prefix(self, command: str) -> tuple[int, bytes] | None:
+        """(status, output) of a ``head -c | md5sum`` prefix hash; None for another command."""
+        prefix = self._parse_prefix(command)
+        if prefix is None:
+            return None
+        root, name, count = prefix
+        data = self._read(posixpath.join(root, name), count)
+        if data is None:
+            return 1, b"leftssh-rc=1\n" + hashlib.md5(b"").hexdigest().encode() + b"  -\n"
+        digest = hashlib.md5(data + (b"lie" if self.exec_mode == "lie" else b"")).hexdigest()
+        return 0, b"leftssh-rc=0\n" + digest.encode() + b"  -\n"
 
     def _hash_batch(self, root: str, stdin: bytes, lie: bool) -> tuple[int, bytes, bytes]:
         out = b""

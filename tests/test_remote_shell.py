@@ -591,17 +591,22 @@ def test_hash_many_files_split_by_xargs(tmp_path: Path) -> None:
     assert parse_hash_output(HashTool.GNU_Z, result.stdout, names) == expected
 
 
+def _hostile_root(tmp_path: Path) -> tuple[Path, Path]:
+    """(top, root): a share root with a hostile name under ``top``, holding a ``subdir``."""
+    top = tmp_path / "top"
+    root = top / "-r $(touch pwned) 'x\""
+    (root / "subdir").mkdir(parents=True)
+    return top, root
+
+
 @pytest.mark.parametrize("shell", SHELLS)
 @pytest.mark.parametrize("tool_env", TOOL_KINDS, indirect=True)
 def test_prefix_hash_hostile(shell: list[str], tool_env: ToolEnv, tmp_path: Path) -> None:
     tool, env, _ = tool_env
-    top = tmp_path / "top"
-    root = top / "-r $(touch pwned) 'x\""
+    top, root = _hostile_root(tmp_path)
     name = "-rf $(touch pwned) `touch pwned`;\n'\"\\ *"
     data = bytes(range(256)) * 400
-    root.mkdir(parents=True)
     (root / name).write_bytes(data)
-    (root / "subdir").mkdir()
     before = _snapshot(top)
     for root_arg in (str(root), root.name):
         for length in (0, 1, 1000, len(data), len(data) + 10):
@@ -635,11 +640,8 @@ def _follow_requests(size: int, steps: Sequence[int]) -> bytes:
 def test_follow_hash_hostile(shell: list[str], tool_env: ToolEnv, tmp_path: Path) -> None:
     """The MD5 of the whole file, however the ranges are cut, and never an injection."""
     tool, env, _ = tool_env
-    top = tmp_path / "top"
-    root = top / "-r $(touch pwned) 'x\""
+    top, root = _hostile_root(tmp_path)
     name = "if=-rf $(touch pwned) `touch pwned`;\n'\"\\ *"
-    root.mkdir(parents=True)
-    (root / "subdir").mkdir()
     for size in (0, 1, FOLLOW_BLOCK, 3 * FOLLOW_BLOCK + 12345):
         data = os.urandom(size)
         (root / name).write_bytes(data)

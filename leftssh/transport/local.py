@@ -36,6 +36,23 @@ _DIRECTORY = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXE
 _PROC_FD = "/proc/self/fd"
 _HELD: dict[str, int] = {}
 _HELD_LOCK = threading.Lock()
+
+
+def _open_file(dir_fd: int, name: str, flags: int, mode: int, path: str) -> int:
+    """Open the regular file ``name`` in ``dir_fd`` without following a symlink.
+
+    O_NONBLOCK keeps a file swapped for a FIFO after the scan from blocking the open.
+    """
+    fd = os.open(name, flags | _NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 _IGNORE_MAX = 1 << 20
 
 
@@ -148,20 +165,9 @@ class LocalTransport:
             raise
 
     def _open(self, path: str, flags: int, mode: int = 0o600) -> int:
-        """Open a regular file of the share, following no symlink below the root.
-
-        O_NONBLOCK keeps a file swapped for a FIFO after the scan from blocking the open.
-        """
-        flags |= _NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        """Open a regular file of the share, following no symlink below the root."""
         with self._parent(path) as (dir_fd, name):
-            fd = os.open(name, flags, mode, dir_fd=dir_fd)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(errno.EINVAL, "not a regular file", path)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+            return _open_file(dir_fd, name, flags, mode, path)
 
     # -- reading -----------------------------------------------------------
 
@@ -409,14 +415,11 @@ class LocalTransport:
         rel_dir, _, name = path.rpartition("/")
         dir_fd, keep = self._reading_dir(rel_dir)
         try:
-            flags = os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-            fd = os.open(name, flags, dir_fd=dir_fd)
+            fd = _open_file(dir_fd, name, os.O_RDONLY, 0o600, path)
         finally:
             if not keep:
                 os.close(dir_fd)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(errno.EINVAL, "not a regular file", path)
             parts: list[bytes] = []
             have = 0
             while True:

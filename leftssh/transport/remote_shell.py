@@ -7,8 +7,8 @@ A login shell costs a start-up per command (a user's ``.bashrc`` can make that a
 third of a second), so the probe and the batched hashes of a run go through one
 long-lived shell: :data:`SESSION_COMMAND` starts ``sh`` reading scripts on stdin,
 and :func:`session_request` wraps each script so that its output ends in a marker
-line the client waits for. The prefix hash of a resume and the hash that follows a
-large upload are commands of their own (the latter reads its requests on stdin).
+line the client waits for; the prefix hash of a resume goes there too. The hash
+that follows a large upload is a command of its own (it reads its requests on stdin).
 
 The remote login shell is assumed to be POSIX sh compatible (bash, dash, zsh, busybox
 ash, ksh). Quoting follows these rules:

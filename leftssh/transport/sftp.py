@@ -1312,46 +1312,6 @@ class SFTPTransport:
 
     # -- remote commands -----------------------------------------------------
 
-    def run(self, command: str, stdin: bytes = b"") -> tuple[int, bytes, bytes]:
-        """Run one command on the peer, feeding ``stdin``; return (status, stdout, stderr)."""
-        try:
-            chan = self._t.open_session(timeout=self.timeout)
-            chan.settimeout(self.timeout)
-            chan.exec_command(command)
-        except Exception as e:
-            raise _io_error(e, "starting a remote command") from e
-        errors: list[BaseException] = []
-        err_buf: list[bytes] = []
-
-        def feed() -> None:
-            try:
-                if stdin:
-                    chan.sendall(stdin)
-                chan.shutdown_write()
-            except Exception as e:  # the command may exit before reading everything
-                errors.append(e)
-
-        def drain_stderr() -> None:
-            try:
-                err_buf.append(chan.makefile_stderr("rb").read())
-            except Exception as e:
-                errors.append(e)
-
-        threads = [threading.Thread(target=feed), threading.Thread(target=drain_stderr)]
-        for th in threads:
-            th.daemon = True
-            th.start()
-        try:
-            out = chan.makefile("rb").read()
-            status = chan.recv_exit_status()
-        except Exception as e:
-            chan.close()
-            raise self._error(e, "running a remote command") from e
-        for th in threads:
-            th.join(self.timeout)
-        chan.close()
-        return status, out, b"".join(err_buf)
-
     def _ask_shell(self, script: str | bytes, what: str) -> tuple[bool, bytes]:
         """Run ``script`` in an idle session shell (a new one if none is idle)."""
         with self._lock:
@@ -1410,8 +1370,9 @@ class SFTPTransport:
         tool = self._hash_tool()
         if tool is None:
             return None
-        _, out, _ = self.run(remote_shell.prefix_hash_command(tool, self.root, path, length))
-        return remote_shell.parse_prefix_hash(tool, out)
+        command = remote_shell.prefix_hash_command(tool, self.root, path, length)
+        done, out = self._ask_shell(f"({command})", "hashing a prefix")  # cd stays in ( )
+        return remote_shell.parse_prefix_hash(tool, out) if done else None
 
     # -- transfers -------------------------------------------------------------
 
