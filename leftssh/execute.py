@@ -492,10 +492,10 @@ class Executor:
     def _copy_small(self, actions: list[Action], copies: dict[str, _Copy]) -> list[Action]:
         """Upload small files through one pipeline; return those to retry one by one.
 
-        Each file is read whole and hashed here, then its partial is created, written,
-        given mtime and mode and closed with all requests of many files in flight.
-        Verification and the rename into place follow in the batch's settle stage,
-        exactly as for files copied one at a time.
+        Each file is read whole and hashed here, then handed to the transport's
+        ``put_files``, which writes it as a partial with mtime and mode. Verification
+        and the rename into place follow in the batch's settle stage, exactly as for
+        files copied one at a time.
         """
         dst = self.remote
         started: list[Action] = []

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from leftssh.target import parse_target, resolve_ssh
+from leftssh.transport.sftp import SFTPTransport
 from tests.helpers import Result, run_command
 from tests.sshd import Sshd
 
@@ -94,3 +96,22 @@ def run_leftssh() -> Callable[..., Result]:
         return run_command(cmd, cwd=cwd, env=env, timeout=timeout, input=input)
 
     return run
+
+
+@pytest.fixture
+def remote(sshd: Sshd, tmp_path: Path) -> Iterator[tuple[SFTPTransport, Path]]:
+    """An SFTPTransport on a fresh directory ``peer`` of the session sshd, and that directory."""
+    root = tmp_path / "peer"
+    root.mkdir()
+    target = parse_target(sshd.target(str(root)))
+    settings = resolve_ssh(
+        target,
+        identity=str(sshd.identity),
+        ssh_config=str(sshd.ssh_config),
+        known_hosts=str(sshd.known_hosts),
+    )
+    t = SFTPTransport(settings, target.path, target.label(), 30.0)
+    try:
+        yield t, root
+    finally:
+        t.close()

@@ -9,7 +9,6 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from click.testing import CliRunner
 from leftssh import cli, execute
 from leftssh.ignore import IgnoreRules
 from leftssh.paths import UnsafePath
-from leftssh.target import parse_target, resolve_ssh
 from leftssh.transport import sftp
 from leftssh.transport.local import LocalTransport
 from leftssh.transport.remote_shell import FOLLOW_BLOCK
@@ -27,24 +25,6 @@ from leftssh.transport.sftp import SFTPTransport
 from tests.sshd import Sshd
 
 pytestmark = pytest.mark.usefixtures("sshd")
-
-
-@pytest.fixture
-def remote(sshd: Sshd, tmp_path: Path) -> Iterator[tuple[SFTPTransport, Path]]:
-    root = tmp_path / "peer"
-    root.mkdir()
-    target = parse_target(sshd.target(str(root)))
-    settings = resolve_ssh(
-        target,
-        identity=str(sshd.identity),
-        ssh_config=str(sshd.ssh_config),
-        known_hosts=str(sshd.known_hosts),
-    )
-    t = SFTPTransport(settings, target.path, target.label(), 30.0)
-    try:
-        yield t, root
-    finally:
-        t.close()
 
 
 def _write_all(t: SFTPTransport, name: str, data: bytes, offset: int = 0) -> str | None:
@@ -141,47 +121,6 @@ def test_push_uses_the_peer_hash_and_falls_back_when_it_is_not_right(
     big_hashed_after = any("big.bin" in p for p in hashed)
     assert big_hashed_after is (peer_hash != "agrees"), hashed
     assert any("small.txt" in p for p in hashed)
-
-
-def test_put_files_pipelines_many_small_files(remote) -> None:
-    t, root = remote
-    for d in ("a", "a/b", "c"):
-        (root / d).mkdir()
-    files = {
-        f"{d}/.f{i}.leftpart": os.urandom(i * 37) for d in ("a", "a/b", "c") for i in range(40)
-    }
-    files[".top.leftpart"] = os.urandom(300_000)  # more than one WRITE request
-    items = [
-        (p, data, (1_600_000_000 + i, 0o600 + (i % 2) * 0o40))
-        for i, (p, data) in enumerate(files.items())
-    ]
-    assert t.put_files(iter(items)) == {}
-    for p, data, (mtime, mode) in items:
-        st = (root / p).stat()
-        assert (root / p).read_bytes() == data
-        assert (int(st.st_mtime), st.st_mode & 0o777) == (mtime, mode)
-
-
-def test_put_files_reports_each_failure_and_leaves_nothing_behind(remote, tmp_path) -> None:
-    t, root = remote
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (root / "ok").mkdir()
-    (root / "link").symlink_to(outside)  # a directory swapped for a symlink after the scan
-    (root / "ok" / ".held.leftpart").write_bytes(b"already there")
-    items = [
-        ("ok/.a.leftpart", b"a", (1_600_000_000, 0o644)),
-        ("ok/.held.leftpart", b"new", (1_600_000_000, 0o644)),
-        ("link/.b.leftpart", b"b", (1_600_000_000, 0o644)),
-        ("gone/.c.leftpart", b"c", (1_600_000_000, 0o644)),
-        ("ok/.d.leftpart", b"d", (1_600_000_000, 0o644)),
-    ]
-    failed = t.put_files(items)
-    assert set(failed) == {"ok/.held.leftpart", "link/.b.leftpart", "gone/.c.leftpart"}
-    assert (root / "ok" / ".held.leftpart").read_bytes() == b"already there"
-    assert (root / "ok" / ".a.leftpart").read_bytes() == b"a"
-    assert (root / "ok" / ".d.leftpart").read_bytes() == b"d"
-    assert list(outside.iterdir()) == []
 
 
 def test_rename_new_never_replaces_a_name_that_appeared(remote) -> None:

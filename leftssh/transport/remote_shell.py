@@ -32,6 +32,8 @@ import shlex
 from collections.abc import Sequence
 from enum import Enum
 
+from leftssh.paths import PARTIAL_SUFFIX
+
 __all__ = [
     "EMPTY_MD5",
     "FOLLOW_BLOCK",
@@ -46,6 +48,12 @@ __all__ = [
     "SESSION_COMMAND",
     "hash_script",
     "session_request",
+    "ARCHIVE_PREFIX",
+    "TAR_PROBE",
+    "archive_name",
+    "parse_tar_probe",
+    "unpack_script",
+    "parse_unpack_output",
 ]
 
 EMPTY_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
@@ -470,3 +478,89 @@ def session_request(script: str | bytes, marker: str) -> tuple[bytes, bytes]:
         raise ValueError("script contains NUL")
     request = body + b"\nprintf '\\n%s\\n' " + marker.encode() + b"\n"
     return request, b"\n" + marker.encode() + b"\n"
+
+
+# -- unpacking archives of small files (leftssh.transport.tar) ------------------------------
+
+TAR_PROBE = "tar --version </dev/null"
+"""Run once per connection in the session; GNU tar names itself on the first line."""
+
+ARCHIVE_PREFIX = ".leftssh-tar-"
+_UNPACKED = b"leftssh-unpack "
+
+
+def parse_tar_probe(stdout: bytes) -> bool:
+    """Tell whether :data:`TAR_PROBE` found GNU tar (other lines are start-up noise)."""
+    return any(line.startswith(b"tar (GNU tar) ") for line in _lines(stdout))
+
+
+def archive_name(run: str, number: int) -> str:
+    """The name of a run's archive in the directory it unpacks into (a partial's suffix)."""
+    if not re.fullmatch(r"[A-Za-z0-9]+", run):
+        raise ValueError(f"run must be a plain word, not {run!r}")
+    return f"{ARCHIVE_PREFIX}{run}-{number}{PARTIAL_SUFFIX}"
+
+
+def unpack_script(
+    root: str, real_root: str, run: str, jobs: Sequence[tuple[str, str, bool]]
+) -> bytes:
+    """Return the session script that unpacks archives, each in its own directory.
+
+    Each job is (directory relative to ``root``, '' for the root itself; the archive's
+    name in it; whether to first remove archives that other runs left there). The
+    shell enters the directory with ``cd -P`` and goes on only if ``$PWD``, the
+    physical path the kernel reports for the directory it is now in, is that
+    directory under ``real_root`` (the share's own physical path): a directory
+    swapped for a symlink is refused, and no later swap can move the shell out.
+    GNU tar then unpacks the archive right there (its members have no directory
+    part), replacing whatever holds a member's name without following it, with the
+    archive's mtimes and exact permission bits, owned by the login user; the archive
+    is removed either way. Each job prints one line that
+    :func:`parse_unpack_output` reads.
+    """
+    archive_name(run, 0)  # checks the run's word
+    lines: list[bytes] = []
+    for directory, archive, sweep in jobs:
+        if directory:
+            _check_relpath(directory)
+        if not archive.startswith(ARCHIVE_PREFIX) or "/" in archive:
+            raise ValueError(f"not an archive name: {archive!r}")
+        where = f"{root.rstrip('/')}/{directory}" if directory else root
+        expect = f"{real_root.rstrip('/')}/{directory}" if directory else real_root
+        ours = _quote_bytes(_encode("./" + archive))
+        steps = b""
+        if sweep:
+            steps = (
+                f"for f in ./{ARCHIVE_PREFIX}*{PARTIAL_SUFFIX}; do case $f in "
+                f'./{ARCHIVE_PREFIX}{run}-*) ;; *) rm -f -- "$f";; esac; done; '
+            ).encode()
+        lines.append(
+            b"if cd -P -- "
+            + _quote_root(where).encode(_ENCODING, _ERRORS)
+            + b' && [ "$PWD" = '
+            + _quote_bytes(_encode(expect or "/"))
+            + b" ]; then "
+            + steps
+            + b"tar -x -p --no-same-owner --force-local -f "
+            + ours
+            + b' </dev/null; echo "'
+            + _UNPACKED
+            + b'$?"; rm -f -- '
+            + ours
+            + b"; else echo '"
+            + _UNPACKED
+            + b"-'; fi"
+        )
+    lines.append(b"cd /")
+    return b"\n".join(lines)
+
+
+def parse_unpack_output(stdout: bytes, jobs: int) -> list[bool]:
+    """Whether each job of :func:`unpack_script` unpacked its whole archive.
+
+    Output that does not hold exactly one result per job proves nothing: all False.
+    """
+    found = [line[len(_UNPACKED) :] for line in _lines(stdout) if line.startswith(_UNPACKED)]
+    if len(found) != jobs:
+        return [False] * jobs
+    return [status == b"0" for status in found]

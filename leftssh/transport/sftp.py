@@ -70,7 +70,7 @@ from leftssh.paths import (
     join,
 )
 from leftssh.target import SshSettings
-from leftssh.transport import remote_shell
+from leftssh.transport import remote_shell, tar
 from leftssh.transport.base import HashUnavailable, matches
 
 WINDOW_SIZE = 64 << 20
@@ -88,6 +88,8 @@ FOLLOW_STEP = 16 << 20  # acknowledged bytes between two range requests to the f
 PIPELINE_REQUESTS = 256  # requests in flight when many small files are written or renamed
 PIPELINE_BYTES = 8 << 20  # bytes of small files in flight
 _LIST_AHEAD = 32  # directories listed ahead of the scan
+ARCHIVE_BYTES = 1 << 20  # file bytes per archive of small files
+ARCHIVE_FILES = 1000  # files per archive
 
 
 def _connection_lost(e: BaseException) -> bool:
@@ -1052,6 +1054,86 @@ class _Shell:
             self._chan.close()
 
 
+class _Unpacker:
+    """The helper thread of :meth:`SFTPTransport._put_tarred`: it unpacks archives.
+
+    ``submit`` (from the writing thread) queues an archive whose CLOSE succeeded;
+    the thread sends all that are queued in one session script. The members of an
+    archive that did not unpack whole go into ``failed``. ``finish`` waits for the
+    queue to empty and raises what stopped the thread (a lost connection).
+    """
+
+    def __init__(
+        self,
+        t: SFTPTransport,
+        real_root: str,
+        members: dict[str, list[str]],
+        failed: dict[str, Exception],
+    ) -> None:
+        self._t = t
+        self._real_root = real_root
+        self._members = members
+        self._failed = failed
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="sftp-unpack", daemon=True)
+        self._thread.start()
+
+    def submit(self, archive: str) -> None:
+        self._queue.put(archive)
+
+    def finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        ending = False
+        while not ending:
+            batch: list[str] = []
+            item = self._queue.get()
+            while True:
+                if item is None:
+                    ending = True
+                else:
+                    batch.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch and self._error is None:
+                try:
+                    self._unpack(batch)
+                except (TransferError, OSError) as e:  # no shell: the files go one by one
+                    for archive in batch:
+                        self._fail(
+                            archive, e if isinstance(e, TransferError) else TransferError(str(e))
+                        )
+                except BaseException as e:  # handed to the writing thread by finish()
+                    self._error = e
+            if self._error is not None:
+                for archive in batch:
+                    self._fail(archive, TransferError("write: not unpacked"))
+
+    def _unpack(self, batch: list[str]) -> None:
+        t = self._t
+        jobs = []
+        for archive in batch:
+            parent, _, name = archive.rpartition("/")
+            jobs.append((parent, name, t._first_archive_in(parent)))
+        script = remote_shell.unpack_script(t.root, self._real_root, t._run, jobs)
+        done, out = t._ask_shell(script, "unpacking")
+        results = remote_shell.parse_unpack_output(out, len(jobs)) if done else [False] * len(jobs)
+        for archive, ok in zip(batch, results, strict=True):
+            if not ok:
+                self._fail(archive, TransferError("write: the archive did not unpack"))
+
+    def _fail(self, archive: str, error: Exception) -> None:
+        for path in self._members.get(archive, ()):
+            self._failed[path] = error
+
+
 class SFTPTransport:
     """A share directory on an SSH peer."""
 
@@ -1071,6 +1153,10 @@ class SFTPTransport:
         self._all_shells: list[_Shell] = []
         self._lock_path: str | None = None
         self._real_root: str | None = None
+        self._tar: bool | None = None  # GNU tar on the peer (asked once)
+        self._run = os.urandom(6).hex()  # names this run's archives
+        self._archives = 0
+        self._swept: set[str] = set()  # directories cleared of other runs' archives
         sftp = self.client()
         try:
             home = sftp.normalize(".")
@@ -1537,16 +1623,31 @@ class SFTPTransport:
     def put_files(
         self, items: Iterable[tuple[str, bytes, tuple[int, int]]]
     ) -> dict[str, Exception]:
-        """Create and fill many small partials, every request of every file pipelined.
+        """Create and fill many small partials, with mtime and mode set.
 
         Each item is (partial path, its whole content, (mtime, mode)), taken from
-        ``items`` only as the pipeline has room. For each, the directory is checked
-        first (a REALPATH must resolve inside the share); only its answer sends the
-        exclusive OPEN, then the WRITEs, an FSETSTAT of mtime and mode on the handle
-        and the CLOSE. Many files are at different steps at once. Returns the failures
-        by partial path (the caller may retry those one by one); a partial that failed
-        after it was created is removed. A stalled or lost connection raises
-        ConnectError.
+        ``items`` as they can be sent. Returns the failures by partial path (the
+        caller may retry those one by one); a stalled or lost connection raises
+        ConnectError. When the peer has GNU tar the files travel as archives, one
+        or more per directory (:meth:`_put_tarred`); otherwise each file is
+        written with its own pipelined requests (:meth:`_put_each`).
+        """
+        if self._tar_usable():
+            return self._put_tarred(items)
+        return self._put_each(items)
+
+    def _put_each(
+        self,
+        items: Iterable[tuple[str, bytes, tuple[int, int]]],
+        on_done: Callable[[str], None] | None = None,
+    ) -> dict[str, Exception]:
+        """Write each file with its own requests, every request of every file pipelined.
+
+        For each item, the directory is checked first (a REALPATH must resolve inside
+        the share); only its answer sends the exclusive OPEN, then the WRITEs, an
+        FSETSTAT of mtime and mode on the handle and the CLOSE. Many files are at
+        different steps at once. ``on_done`` is called with each partial path whose
+        CLOSE succeeded. A partial that failed after it was created is removed.
         """
         sftp = self.client()
         pipe = _Pipeline(sftp)
@@ -1619,6 +1720,8 @@ class SFTPTransport:
             put.data = b""
             if put.error is not None:
                 failed[put.path] = _io_error(put.error, "write")
+            elif on_done is not None:
+                on_done(put.path)
 
         def start(path: str, data: bytes, attrs: tuple[int, int]) -> None:
             put = _Put(path, data, attrs)
@@ -1649,6 +1752,86 @@ class SFTPTransport:
             if isinstance(e, Exception) and _stops_pipeline(e):
                 raise self._error(e, "write") from e
             raise
+
+    def _tar_usable(self) -> bool:
+        """Tell (asking once) whether the peer's session shell has GNU tar."""
+        if self._tar is None:
+            with self._probe_lock:
+                if self._tar is None:
+                    try:
+                        done, out = self._ask_shell(remote_shell.TAR_PROBE, "probing tar")
+                        self._tar = done and remote_shell.parse_tar_probe(out)
+                    except ConnectError:
+                        if not self._t.is_active():
+                            raise
+                        self._tar = False
+        return self._tar
+
+    def _first_archive_in(self, parent: str) -> bool:
+        """True once per directory: the first archive there clears older runs' leftovers."""
+        with self._lock:
+            first = parent not in self._swept
+            self._swept.add(parent)
+        return first
+
+    def _put_tarred(
+        self, items: Iterable[tuple[str, bytes, tuple[int, int]]]
+    ) -> dict[str, Exception]:
+        """Send the files of each directory as archives that the peer's tar unpacks.
+
+        Consecutive files of one directory go into one archive (up to ``ARCHIVE_BYTES``
+        or ``ARCHIVE_FILES``), written as a partial of its own in that directory by
+        :meth:`_put_each` (so its directory is checked like any other). As soon as an
+        archive is closed, a helper thread has the session shell unpack it there
+        (:func:`remote_shell.unpack_script`) while the next ones are written. A file
+        whose archive was not written or not wholly unpacked is reported failed.
+        """
+        real_root = self._resolved_root(self.client())
+        failed: dict[str, Exception] = {}
+        members: dict[str, list[str]] = {}  # archive path -> the partials in it
+        unpacker = _Unpacker(self, real_root, members, failed)
+
+        def archives() -> Iterator[tuple[str, bytes, tuple[int, int]]]:
+            parent: str | None = None
+            pieces: list[bytes] = []
+            paths: list[str] = []
+            size = 0
+            for path, data, (mtime, mode) in items:
+                where, _, name = path.rpartition("/")
+                if paths and (
+                    where != parent or size >= ARCHIVE_BYTES or len(paths) >= ARCHIVE_FILES
+                ):
+                    yield self._archive(parent or "", pieces, paths, members)
+                    pieces, paths, size = [], [], 0
+                parent = where
+                try:
+                    got = tar.member(name.encode("utf-8", "surrogateescape"), data, mtime, mode)
+                except ValueError as e:
+                    failed[path] = TransferError(f"write: {e}")
+                    continue
+                pieces += got
+                paths.append(path)
+                size += len(data)
+            if paths:
+                yield self._archive(parent or "", pieces, paths, members)
+
+        try:
+            not_written = self._put_each(archives(), on_done=unpacker.submit)
+        finally:
+            unpacker.finish()
+        for archive, error in not_written.items():
+            for path in members[archive]:
+                failed[path] = error
+        return failed
+
+    def _archive(
+        self, parent: str, pieces: list[bytes], paths: list[str], members: dict[str, list[str]]
+    ) -> tuple[str, bytes, tuple[int, int]]:
+        self._archives += 1
+        path = join(parent, remote_shell.archive_name(self._run, self._archives))
+        members[path] = paths
+        pieces.append(tar.END)
+        return path, b"".join(pieces), (int(time.time()), 0o600)
 
     def rename_new(self, pairs: list[tuple[str, str]]) -> dict[str, Exception]:
         """Rename many partials to names that held nothing at the scan, pipelined.
