@@ -8,6 +8,7 @@ receiving side, and only then renamed over the final name.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -353,16 +354,21 @@ class Executor:
         copies = {a.path: _Copy(a, "") for a in actions}
         self._check_stop()
         prehash = self._start_source_hash(actions, mode)
-        self._copy_all(actions, copies, resume=True, mode=mode)
+        placed = self._copy_all(actions, copies, resume=True, mode=mode)
+        if self.stop.is_set():
+            with contextlib.suppress(Exception):
+                placed()  # the small files still being placed, before the run ends
         self._stop_if_asked(actions, copies, sink)
         mode = mode or self.verify_mode()
         if not background:
-            self._settle(actions, copies, mode, sink, prehash)
+            self._settle(actions, copies, mode, sink, prehash, placed)
             return
         self._settled()
         if self._settler is None:
             self._settler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="settle")
-        self._settling = self._settler.submit(self._settle, actions, copies, mode, sink, prehash)
+        self._settling = self._settler.submit(
+            self._settle, actions, copies, mode, sink, prehash, placed
+        )
 
     def _settled(self) -> None:
         """Wait for the batch verifying in the background; re-raise what stopped it."""
@@ -391,14 +397,20 @@ class Executor:
         mode: str,
         sink: list[Outcome] | None,
         prehash: Future | None,
+        placed: Callable[[], None],
     ) -> None:
-        """Verify copied files, commit the good ones, resend the others once from zero."""
+        """Verify copied files, commit the good ones, resend the others once from zero.
+
+        ``placed`` (from :meth:`_copy_all`) first waits for the small files still
+        being placed and copies one by one those that could not be.
+        """
+        placed()
         todo = list(actions)
         for attempt in (1, 2):
             if attempt == 2:
                 self._check_stop()
                 prehash = self._start_source_hash(todo, mode)
-                self._copy_all(todo, copies, resume=False, mode=mode)
+                self._copy_all(todo, copies, resume=False, mode=mode)()
                 self._stop_if_asked(todo, copies, sink)
             verified = self._verify(todo, copies, mode, prehash)
             self._commit_all(
@@ -469,16 +481,28 @@ class Executor:
 
     def _copy_all(
         self, actions: list[Action], copies: dict[str, _Copy], *, resume: bool, mode: str
-    ) -> list[Action]:
+    ) -> Callable[[], None]:
+        """Copy ``actions``; return what finishes the small uploads among them.
+
+        Small uploads are sent together (:meth:`_copy_small`); the peer may still be
+        placing the last of them when this returns. The function returned waits
+        for them and copies one by one those that could not be placed. It must be
+        called before the batch is verified.
+        """
         small: list[Action] = []
         rest: list[Action] = []
         for a in actions:
             (small if self._pipelined(a) else rest).append(a)
-        if small:
-            # What the pipeline could not place goes the one-file-at-a-time way.
-            rest += self._copy_small(small, copies)
+        sent = self._copy_small(small, copies) if small else None
         self._map(lambda a: self._copy_guarded(copies[a.path], resume, mode), rest)
-        return actions
+
+        def placed() -> None:
+            if sent is not None:
+                # What the pipeline could not place goes the one-file-at-a-time way.
+                retry = sent()
+                self._map(lambda a: self._copy_guarded(copies[a.path], resume, mode), retry)
+
+        return placed
 
     def _pipelined(self, a: Action) -> bool:
         """Tell whether ``a`` is a small upload that can share one request pipeline."""
@@ -489,13 +513,16 @@ class Executor:
             and self._small_pipeline
         )
 
-    def _copy_small(self, actions: list[Action], copies: dict[str, _Copy]) -> list[Action]:
-        """Upload small files through one pipeline; return those to retry one by one.
+    def _copy_small(
+        self, actions: list[Action], copies: dict[str, _Copy]
+    ) -> Callable[[], list[Action]]:
+        """Upload small files together; return what waits for them to be placed.
 
         Each file is read whole and hashed here, then handed to the transport's
-        ``put_files``, which writes it as a partial with mtime and mode. Verification
-        and the rename into place follow in the batch's settle stage, exactly as for
-        files copied one at a time.
+        ``put_files``, which writes it as a partial with mtime and mode. The function
+        returned waits until the peer has placed them all and returns those to retry
+        one by one. Verification and the rename into place follow in the batch's
+        settle stage, exactly as for files copied one at a time.
         """
         dst = self.remote
         started: list[Action] = []
@@ -527,15 +554,20 @@ class Executor:
                 started.append(a)
                 yield c.partial, data, (source.mtime, source.mode)
 
-        failed = dst.put_files(items())
-        retry = []
-        for a in started:
-            c = copies[a.path]
-            if c.partial in failed:
-                retry.append(a)
-            else:
-                c.attrs_set = True
-        return retry
+        placed = dst.put_files(items())
+
+        def retries() -> list[Action]:
+            failed = placed()
+            retry = []
+            for a in started:
+                c = copies[a.path]
+                if c.partial in failed:
+                    retry.append(a)
+                else:
+                    c.attrs_set = True
+            return retry
+
+        return retries
 
     def _copy_guarded(self, c: _Copy, resume: bool, mode: str) -> None:
         if self.stop.is_set():

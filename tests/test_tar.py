@@ -187,7 +187,7 @@ def test_put_files_both_ways(remote, archives: bool) -> None:
     if not archives:
         t._tar = False
     items = _items(root)
-    assert t.put_files(iter(items)) == {}
+    assert t.put_files(iter(items))() == {}
     assert t._tar is archives
     for p, data, (mtime, mode) in items:
         st = (root / p).stat()
@@ -223,7 +223,7 @@ def test_put_files_reports_failures_and_writes_nothing_outside(
         ("ok2/.d.leftpart", b"d", (1_600_000_000, 0o644)),
         ("ok2/.e.leftpart", b"e", (2**40, 0o644)),  # beyond what tar or SFTP can set
     ]
-    failed = t.put_files(items)
+    failed = t.put_files(items)()
     assert t._tar is archives
     both = {"blocked/.x.leftpart", "link/.b.leftpart", "gone/.c.leftpart", "ok2/.e.leftpart"}
     if archives:
@@ -252,7 +252,7 @@ def test_put_files_without_a_shell_writes_each_file(remote) -> None:
 
     t._ask_shell = no_shell  # type: ignore[method-assign]
     items = _items(root)
-    assert t.put_files(iter(items)) == {}
+    assert t.put_files(iter(items))() == {}
     assert t._tar is False
     for p, data, _ in items:
         assert (root / p).read_bytes() == data

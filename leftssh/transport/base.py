@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from leftssh.ignore import IgnoreRules
@@ -89,9 +89,12 @@ class PipelinedUploads(Protocol):
 
     def put_files(
         self, items: Iterable[tuple[str, bytes, tuple[int, int]]]
-    ) -> dict[str, Exception]:
-        """Create and fill each (partial path, content, (mtime, mode)); return the
-        failures by partial path (those are retried one by one)."""
+    ) -> Callable[[], dict[str, Exception]]:
+        """Create and fill each (partial path, content, (mtime, mode)).
+
+        Returns once every item is sent; the returned function waits until the
+        last partial is in place and returns the failures by partial path (those
+        are retried one by one). It must be called, once."""
         ...
 
     def rename_new(self, pairs: list[tuple[str, str]]) -> dict[str, Exception]:

@@ -1082,10 +1082,11 @@ class _Unpacker:
     def submit(self, archive: str) -> None:
         self._queue.put(archive)
 
-    def finish(self) -> None:
+    def finish(self, quiet: bool = False) -> None:
+        """Wait until every archive submitted is unpacked (or failed)."""
         self._queue.put(None)
         self._thread.join()
-        if self._error is not None:
+        if self._error is not None and not quiet:
             raise self._error
 
     def _run(self) -> None:
@@ -1622,19 +1623,21 @@ class SFTPTransport:
 
     def put_files(
         self, items: Iterable[tuple[str, bytes, tuple[int, int]]]
-    ) -> dict[str, Exception]:
+    ) -> Callable[[], dict[str, Exception]]:
         """Create and fill many small partials, with mtime and mode set.
 
         Each item is (partial path, its whole content, (mtime, mode)), taken from
-        ``items`` as they can be sent. Returns the failures by partial path (the
-        caller may retry those one by one); a stalled or lost connection raises
-        ConnectError. When the peer has GNU tar the files travel as archives, one
-        or more per directory (:meth:`_put_tarred`); otherwise each file is
-        written with its own pipelined requests (:meth:`_put_each`).
+        ``items`` as they can be sent. Returns, once all are sent, a function that
+        waits for the last ones to be in place and returns the failures by partial
+        path (the caller may retry those one by one); a stalled or lost connection
+        raises ConnectError from either. When the peer has GNU tar the files travel
+        as archives, one or more per directory (:meth:`_put_tarred`); otherwise
+        each file is written with its own pipelined requests (:meth:`_put_each`).
         """
         if self._tar_usable():
             return self._put_tarred(items)
-        return self._put_each(items)
+        failed = self._put_each(items)
+        return lambda: failed
 
     def _put_each(
         self,
@@ -1776,14 +1779,15 @@ class SFTPTransport:
 
     def _put_tarred(
         self, items: Iterable[tuple[str, bytes, tuple[int, int]]]
-    ) -> dict[str, Exception]:
+    ) -> Callable[[], dict[str, Exception]]:
         """Send the files of each directory as archives that the peer's tar unpacks.
 
         Consecutive files of one directory go into one archive (up to ``ARCHIVE_BYTES``
         or ``ARCHIVE_FILES``), written as a partial of its own in that directory by
         :meth:`_put_each` (so its directory is checked like any other). As soon as an
         archive is closed, a helper thread has the session shell unpack it there
-        (:func:`remote_shell.unpack_script`) while the next ones are written. A file
+        (:func:`remote_shell.unpack_script`) while the next ones are written, and
+        goes on after this returns; the function returned waits for it. A file
         whose archive was not written or not wholly unpacked is reported failed.
         """
         real_root = self._resolved_root(self.client())
@@ -1817,12 +1821,18 @@ class SFTPTransport:
 
         try:
             not_written = self._put_each(archives(), on_done=unpacker.submit)
-        finally:
+        except BaseException:
+            unpacker.finish(quiet=True)
+            raise
+
+        def unpacked() -> dict[str, Exception]:
             unpacker.finish()
-        for archive, error in not_written.items():
-            for path in members[archive]:
-                failed[path] = error
-        return failed
+            for archive, error in not_written.items():
+                for path in members[archive]:
+                    failed[path] = error
+            return failed
+
+        return unpacked
 
     def _archive(
         self, parent: str, pieces: list[bytes], paths: list[str], members: dict[str, list[str]]
