@@ -32,6 +32,7 @@ from leftssh.model import (
 from leftssh.paths import PARTIAL_SUFFIX, partial_name, version_tag
 from leftssh.transport.base import (
     HashUnavailable,
+    ManyDirs,
     PipelinedUploads,
     Transport,
     WholeReads,
@@ -115,6 +116,7 @@ class Executor:
         # Small uploads share one request pipeline where both sides offer it.
         self._renames_pipelined = isinstance(self.remote, PipelinedUploads)
         self._small_pipeline = self._renames_pipelined and isinstance(self.local, WholeReads)
+        self._many_dirs = isinstance(self.remote, ManyDirs)
         self._probed = threading.Event()  # the background md5 probe has answered
         self._index_lock = threading.Lock()
         self._partials_by_stem: dict[Side, dict[str, list[str]]] = {}
@@ -222,8 +224,20 @@ class Executor:
         conflicts = [a for a in plan.actions if a.kind is Kind.CONFLICT]
         pending: list[Action] = []
         pending_bytes = 0
+        dirs: list[Action] = []  # remote directories to make together
         for a in plan.actions:
             self._check_stop()
+            if a.kind is Kind.MKDIR_REMOTE and self._many_dirs:
+                if not dirs:
+                    if pending:
+                        self._transfer_batch(pending, background=True)
+                        pending, pending_bytes = [], 0
+                    self._settled()
+                dirs.append(a)
+                continue
+            if dirs:
+                self._make_dirs(dirs)
+                dirs = []
             if a.kind is Kind.CONFLICT:
                 if conflicts:  # all of them together, where the first one stands
                     if pending:
@@ -245,11 +259,27 @@ class Executor:
                 pending, pending_bytes = [], 0
             self._settled()
             self._run_simple(a)
+        if dirs:
+            self._make_dirs(dirs)
         if pending:
             self._transfer_batch(pending, background=True)
         self._settled()
         self._check_stop()
         return self.outcomes
+
+    def _make_dirs(self, actions: list[Action]) -> None:
+        """Make consecutive remote directories with their requests in flight."""
+        remote = self.remote
+        assert isinstance(remote, ManyDirs)
+        failed = remote.make_dirs([a.path for a in actions])
+        for a in actions:
+            e = failed.get(a.path)
+            if e is None:
+                self._record(Outcome(a, Status.OK, result=a.source))
+            elif isinstance(e, ChangedError):
+                self._record(Outcome(a, Status.SKIPPED, reason=str(e)))
+            else:
+                self._record(Outcome(a, Status.FAILED, error=_message(e)))
 
     def _run_conflicts(self, actions: list[Action]) -> None:
         """Keep each losing version under ``a.keep`` on both sides; the winner takes the name.

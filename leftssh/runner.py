@@ -27,7 +27,7 @@ from leftssh.report import Reporter
 from leftssh.safety import DEFAULT_MAX_DELETE, check_max_delete
 from leftssh.state import BaseStore, pair_key
 from leftssh.target import SshSettings, Target, resolve_ssh
-from leftssh.transport.base import HashUnavailable, Transport
+from leftssh.transport.base import HashUnavailable, Transport, WarmsUp
 from leftssh.transport.local import LocalTransport
 
 
@@ -139,6 +139,7 @@ class Connecting:
         self._lock_settled = threading.Event()  # the remote lock is taken, or will not be
         self._manifest: Manifest | None = None
         self._scan_error: BaseException | None = None
+        self._hashes = opts.verify != "size"
         self._thread = threading.Thread(
             target=self._connect, args=(target, opts), name="connect", daemon=True
         )
@@ -185,6 +186,10 @@ class Connecting:
                 self._lock_settled.set()
             if not self._abandoned:
                 self._manifest = remote.scan(self._rules)
+                if self._locks is not None and not self._manifest.entries:
+                    # Nothing there: whatever the local share holds will be copied.
+                    if isinstance(remote, WarmsUp):
+                        remote.warm_up(hashes=self._hashes)
         except BaseException as e:
             self._scan_error = e
 

@@ -4,6 +4,7 @@ real sshd both ways (archives, and one request stream per file)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -14,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from leftssh.transport import remote_shell, tar
-from tests.test_remote_shell import HOSTILE_NAMES, SHELLS
+from leftssh.transport.remote_shell import HashTool, Unpack
+from tests.test_remote_shell import HOSTILE_NAMES, SHELLS, needs_md5sum
 
 
 def _gnu_tar() -> bool:
@@ -86,27 +88,53 @@ def test_member_masks_mode_and_rejects_what_it_cannot_hold() -> None:
 # --------------------------------------------------------------------------- script
 
 
-def test_parse_tar_probe_and_unpack_output() -> None:
+def test_parse_tar_probe() -> None:
     assert remote_shell.parse_tar_probe(b"motd noise\ntar (GNU tar) 1.34\nCopyright\n")
     assert not remote_shell.parse_tar_probe(b"tar: unrecognized option '--version'\n")
     assert not remote_shell.parse_tar_probe(b"bsdtar 3.6.2 - libarchive 3.6.2\n")
     assert not remote_shell.parse_tar_probe(b"")
-    out = b"noise\nleftssh-unpack 0\nleftssh-unpack 2\nleftssh-unpack -\n"
-    assert remote_shell.parse_unpack_output(out, 3) == [True, False, False]
-    assert remote_shell.parse_unpack_output(out, 4) == [False] * 4  # one result missing
-    assert remote_shell.parse_unpack_output(b"leftssh-unpack 0\n" * 2, 1) == [False]
+
+
+def _job(directory: str, n: int, members: list[str], sweep: bool = False) -> Unpack:
+    return Unpack(directory, remote_shell.archive_name(RUN, n), sweep, members)
+
+
+def test_parse_unpack_output() -> None:
+    jobs = [_job("a", 1, ["x", "y"]), _job("", 2, ["z"]), _job("b", 3, ["w"])]
+    h = [hashlib.md5(c).hexdigest() for c in (b"x", b"y", b"z", b"w")]
+    hashes = f"{h[0]}  ./a/x\0{h[1]}  ./a/y\0{h[2]}  ./z\0{h[3]}  ./b/w\0".encode()
+    out = b"noise\nleftssh-unpack 0\nleftssh-unpack 0\nleftssh-unpack -\n\nM\n" + hashes
+    assert remote_shell.parse_unpack_output(out, jobs, HashTool.GNU_Z, "M") == [
+        (True, {"x": h[0], "y": h[1]}),
+        (True, {"z": h[2]}),
+        (False, {}),  # refused: its hashes are not taken
+    ]
+    assert remote_shell.parse_unpack_output(out, jobs, None, "M") == [
+        (True, {}),
+        (True, {}),
+        (False, {}),
+    ]
+    nothing = [(False, {})] * 3
+    assert remote_shell.parse_unpack_output(out, jobs, HashTool.GNU_Z, "N") == nothing
+    cut = b"leftssh-unpack 0\nleftssh-unpack 0\n\nM\n"  # one result missing
+    assert remote_shell.parse_unpack_output(cut, jobs, HashTool.GNU_Z, "M") == nothing
 
 
 def test_unpack_script_rejects_odd_jobs() -> None:
     good = remote_shell.archive_name(RUN, 1)
-    for job in [("/abs", good, False), ("a\0b", good, False), ("d", "other.tar", False)]:
+    for job in [("/abs", good), ("a\0b", good), ("d", "other.tar"), ("d", "a/" + good)]:
         with pytest.raises(ValueError):
-            remote_shell.unpack_script("/r", "/r", RUN, [job])
+            remote_shell.unpack_script("/r", "/r", RUN, [Unpack(*job, False, [])], None, "M")
     with pytest.raises(ValueError):
-        remote_shell.unpack_script("/r", "/r", "not plain!", [("d", good, False)])
+        remote_shell.unpack_script("/r", "/r", "not plain!", [_job("d", 1, [])], None, "M")
+    with pytest.raises(ValueError):
+        remote_shell.unpack_script("/r", "/r", RUN, [_job("d", 1, [])], None, "not plain!")
+    with pytest.raises(ValueError):
+        remote_shell.unpack_script("/r", "/r", RUN, [], None, "M")
 
 
 @needs_gnu_tar
+@needs_md5sum
 @pytest.mark.parametrize("shell", SHELLS)
 def test_unpack_under_each_shell(shell: list[str], tmp_path: Path) -> None:
     root = tmp_path / "share $(touch pwned) 'q"
@@ -122,11 +150,11 @@ def test_unpack_under_each_shell(shell: list[str], tmp_path: Path) -> None:
     for n, d in enumerate(dirs, 1):
         files = _files(n)
         expected[d] = files
-        name = remote_shell.archive_name(RUN, n)
+        job = _job(d, n, list(files), sweep=d in ("", "plain"))
         target = root / d
         if target.is_dir() and not target.is_symlink():
-            (target / name).write_bytes(_archive(files))
-        jobs.append((d, name, d in ("", "plain")))
+            (target / job.archive).write_bytes(_archive(files))
+        jobs.append(job)
     plain = root / "plain"
     (plain / "plain.txt").write_bytes(b"old partial")  # replaced
     (plain / "empty").symlink_to(outside / "keep")  # replaced, never followed
@@ -135,7 +163,9 @@ def test_unpack_under_each_shell(shell: list[str], tmp_path: Path) -> None:
     later = plain / remote_shell.archive_name(RUN, 99)  # this run's next one: kept
     later.write_bytes(b"y")
 
-    script = remote_shell.unpack_script(str(root), str(root.resolve()), RUN, jobs)
+    script = remote_shell.unpack_script(
+        str(root), str(root.resolve()), RUN, jobs, HashTool.GNU_Z, "end-1"
+    )
     result = subprocess.run(
         [*shell, script.decode("utf-8", "surrogateescape")],
         capture_output=True,
@@ -143,13 +173,11 @@ def test_unpack_under_each_shell(shell: list[str], tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert remote_shell.parse_unpack_output(result.stdout, len(jobs)) == [
-        True,
-        True,
-        True,
-        False,
-        False,
-    ], result
+    got = remote_shell.parse_unpack_output(result.stdout, jobs, HashTool.GNU_Z, "end-1")
+    assert [ok for ok, _ in got] == [True, True, True, False, False], result
+    for (ok, hashes), d in zip(got, dirs, strict=True):
+        want = {name: hashlib.md5(data).hexdigest() for name, (data, _, _) in expected[d].items()}
+        assert hashes == (want if ok else {}), d
     for d in dirs[:3]:
         for name, (data, mtime, mode) in expected[d].items():
             path = root / d / name
@@ -256,3 +284,29 @@ def test_put_files_without_a_shell_writes_each_file(remote) -> None:
     assert t._tar is False
     for p, data, _ in items:
         assert (root / p).read_bytes() == data
+
+
+def test_partials_hashed_as_they_were_unpacked_are_not_hashed_again(remote) -> None:
+    t, root = remote
+    assert t.can_hash()  # the probe has answered: archives are hashed as they unpack
+    items = _items(root)
+    assert t.put_files(iter(items))() == {}
+    asked: list[str] = []
+    real = t._ask_shell
+
+    def counting(script: str | bytes, what: str) -> tuple[bool, bytes]:
+        asked.append(what)
+        return real(script, what)
+
+    t._ask_shell = counting  # type: ignore[method-assign]
+    paths = [p for p, _, _ in items]
+    assert t.hash_files(paths) == {p: hashlib.md5(data).hexdigest() for p, data, _ in items}
+    assert asked == []
+    out = t.open_write(paths[0], 0, None)  # written again another way: hashed again
+    out.write(b"other")
+    out.close()
+    assert t.hash_files(paths[:2]) == {
+        paths[0]: hashlib.md5(b"other").hexdigest(),
+        paths[1]: hashlib.md5(items[1][1]).hexdigest(),
+    }
+    assert asked == ["hashing"]

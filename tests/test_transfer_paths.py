@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from leftssh import cli, execute
+from leftssh.errors import ChangedError, TransferError
 from leftssh.ignore import IgnoreRules
 from leftssh.paths import UnsafePath
 from leftssh.transport import sftp
@@ -577,3 +578,61 @@ def test_an_answer_cut_off_by_a_dying_shell_is_not_trusted(remote, monkeypatch) 
     assert t.can_hash()
     assert t.hash_files(names) == {}
     assert t.hash_files(names) == sums
+
+
+def test_make_dirs_with_requests_in_flight(remote, tmp_path) -> None:
+    t, root = remote
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "exists").mkdir()
+    (root / "file").write_text("in the way")
+    (root / "link").symlink_to(outside)  # a directory swapped for a symlink after the scan
+    paths = ["a", "exists", "file", "a/b", "link/x", "gone/x", "a/b/c", "a/b/c/d"]
+    failed = t.make_dirs(paths)
+    assert set(failed) == {"file", "link/x", "gone/x"}
+    assert isinstance(failed["file"], ChangedError)
+    assert isinstance(failed["link/x"], UnsafePath)
+    assert isinstance(failed["gone/x"], TransferError)
+    assert (root / "a" / "b" / "c" / "d").is_dir() and (root / "exists").is_dir()
+    assert (root / "file").read_text() == "in the way"
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("peer_holds", "extra", "expected"),
+    [
+        (False, [], [True]),  # everything goes there: the shell is started early
+        (False, ["--verify", "size"], [False]),  # no md5 probe then
+        (True, [], []),  # the peer holds files: nothing started ahead
+        (False, ["--dry-run"], []),
+    ],
+    ids=["empty-peer", "verify-size", "peer-holds-files", "dry-run"],
+)
+def test_the_shell_starts_early_when_the_peer_share_is_empty(
+    sshd: Sshd, tmp_path: Path, monkeypatch, peer_holds: bool, extra: list[str], expected
+) -> None:
+    local, remote_dir = tmp_path / "share", tmp_path / "peer"
+    (local / "d").mkdir(parents=True)
+    for i in range(5):
+        (local / "d" / f"f{i}.txt").write_text(f"file {i}\n")
+    remote_dir.mkdir()
+    if peer_holds:
+        (remote_dir / "other.txt").write_text("there\n")
+    calls: list[bool] = []
+    real = SFTPTransport.warm_up
+
+    def warm_up(self: SFTPTransport, hashes: bool) -> None:
+        calls.append(hashes)
+        real(self, hashes)
+
+    monkeypatch.setattr(SFTPTransport, "warm_up", warm_up)
+    result = CliRunner().invoke(
+        cli.main_group,
+        ["push", sshd.target(str(remote_dir)), "-d", str(local), "-q", *extra, *sshd.cli_args()],
+        env={"LEFTSSH_STATE_DIR": str(tmp_path / "state")},
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert calls == expected
+    copied = (remote_dir / "d" / "f3.txt").exists()
+    assert copied is ("--dry-run" not in extra)

@@ -104,6 +104,26 @@ class PipelinedUploads(Protocol):
 
 
 @runtime_checkable
+class WarmsUp(Protocol):
+    """What a transport offers to get ready, in the background, for the first copy."""
+
+    def warm_up(self, hashes: bool) -> None:
+        """Start what a copy will wait for (returns at once; errors come later, if at all);
+        ``hashes``: the copies will be verified by MD5."""
+        ...
+
+
+@runtime_checkable
+class ManyDirs(Protocol):
+    """What a transport offers to make many directories with their requests in flight."""
+
+    def make_dirs(self, paths: list[str]) -> dict[str, Exception]:
+        """Make each directory (parents listed before their children), as ``mkdir``
+        would; return the failures by path (ChangedError: a non-directory is there)."""
+        ...
+
+
+@runtime_checkable
 class WholeReads(Protocol):
     """What a transport offers to read a small file in one call."""
 

@@ -31,6 +31,7 @@ import re
 import shlex
 from collections.abc import Sequence
 from enum import Enum
+from typing import NamedTuple
 
 from leftssh.paths import PARTIAL_SUFFIX
 
@@ -54,6 +55,7 @@ __all__ = [
     "parse_tar_probe",
     "unpack_script",
     "parse_unpack_output",
+    "Unpack",
 ]
 
 EMPTY_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
@@ -442,8 +444,27 @@ def hash_script(tool: HashTool, root: str, paths: Sequence[str]) -> bytes:
     reported on stderr and skipped. Its output is what :func:`parse_hash_output` reads. Raises
     ValueError for an empty list, or an empty or absolute path or one with NUL.
     """
+    return (
+        b"(cd -- "
+        + _quote_root(root).encode(_ENCODING, _ERRORS)
+        + b" && "
+        + _hashing(tool, paths)
+        + b")"
+    )
+
+
+def _hashing(tool: HashTool, paths: Sequence[str]) -> bytes:
+    """``{ printf '%s\\0' './a' ...; } | xargs -0 TOOL --``: hash ``paths`` (relative)."""
     if not paths:
         raise ValueError("nothing to hash")
+    return _for_each(HashTool(tool).value.encode(), paths)
+
+
+def _for_each(command: bytes, paths: Sequence[str]) -> bytes:
+    """``{ printf '%s\\0' './a' ...; } | xargs -0 COMMAND --``: run it on relative ``paths``.
+
+    The names are printed in pieces of at most ``_PRINTF_CHUNK`` argument bytes by
+    the ``printf`` builtin; xargs runs the command as often as its limit needs."""
     parts: list[bytes] = []
     size = 0
     for p in paths:
@@ -453,15 +474,7 @@ def hash_script(tool: HashTool, root: str, paths: Sequence[str]) -> bytes:
             size = 0
         parts.append(b" " + word)
         size += len(word) + 1
-    return (
-        b"(cd -- "
-        + _quote_root(root).encode(_ENCODING, _ERRORS)
-        + b" && { printf '%s\\0'"
-        + b"".join(parts)
-        + b"; } | xargs -0 "
-        + HashTool(tool).value.encode()
-        + b" --)"
-    )
+    return b"{ printf '%s\\0'" + b"".join(parts) + b"; } | xargs -0 " + command + b" --"
 
 
 def session_request(script: str | bytes, marker: str) -> tuple[bytes, bytes]:
@@ -501,38 +514,64 @@ def archive_name(run: str, number: int) -> str:
     return f"{ARCHIVE_PREFIX}{run}-{number}{PARTIAL_SUFFIX}"
 
 
+class Unpack(NamedTuple):
+    """One archive for :func:`unpack_script` to unpack."""
+
+    directory: str
+    """Where, relative to the root ('' for the root itself)."""
+    archive: str
+    """The archive's name in that directory (see :func:`archive_name`)."""
+    sweep: bool
+    """First remove archives that other runs left in the directory."""
+    members: Sequence[str]
+    """The names in the archive: hashed once unpacked, when a hash tool is given."""
+
+
+def _join(directory: str, name: str) -> str:
+    return f"{directory}/{name}" if directory else name
+
+
 def unpack_script(
-    root: str, real_root: str, run: str, jobs: Sequence[tuple[str, str, bool]]
+    root: str,
+    real_root: str,
+    run: str,
+    jobs: Sequence[Unpack],
+    tool: HashTool | None,
+    marker: str,
 ) -> bytes:
     """Return the session script that unpacks archives, each in its own directory.
 
-    Each job is (directory relative to ``root``, '' for the root itself; the archive's
-    name in it; whether to first remove archives that other runs left there). The
-    shell enters the directory with ``cd -P`` and goes on only if ``$PWD``, the
-    physical path the kernel reports for the directory it is now in, is that
-    directory under ``real_root`` (the share's own physical path): a directory
-    swapped for a symlink is refused, and no later swap can move the shell out.
-    GNU tar then unpacks the archive right there (its members have no directory
-    part), replacing whatever holds a member's name without following it, with the
-    archive's mtimes and exact permission bits, owned by the login user; the archive
-    is removed either way. Each job prints one line that
-    :func:`parse_unpack_output` reads.
+    For each job the shell enters the directory with ``cd -P`` and goes on only if
+    ``$PWD``, the physical path the kernel reports for the directory it is now in,
+    is that directory under ``real_root`` (the share's own physical path): a
+    directory swapped for a symlink is refused, and no later swap can move the
+    shell out. GNU tar then unpacks the archive right there (its members have no
+    directory part), replacing whatever holds a member's name without following
+    it, with the archive's mtimes and exact permission bits, owned by the login
+    user. Then all the archives are removed, a line holding ``marker`` (a word
+    unique to this script) is printed and, with ``tool``, all the members are
+    hashed, as :func:`hash_script` would. :func:`parse_unpack_output` reads the
+    output. One ``tar`` per archive, one ``rm`` and one hash tool for the script.
     """
     archive_name(run, 0)  # checks the run's word
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", marker):
+        raise ValueError(f"marker must be a plain word, not {marker!r}")
+    if not jobs:
+        raise ValueError("nothing to unpack")
+    quoted_root = _quote_root(root).encode(_ENCODING, _ERRORS)
     lines: list[bytes] = []
-    for directory, archive, sweep in jobs:
-        if directory:
-            _check_relpath(directory)
-        if not archive.startswith(ARCHIVE_PREFIX) or "/" in archive:
-            raise ValueError(f"not an archive name: {archive!r}")
-        where = f"{root.rstrip('/')}/{directory}" if directory else root
-        expect = f"{real_root.rstrip('/')}/{directory}" if directory else real_root
-        ours = _quote_bytes(_encode("./" + archive))
+    for job in jobs:
+        if job.directory:
+            _check_relpath(job.directory)
+        if not job.archive.startswith(ARCHIVE_PREFIX) or "/" in job.archive:
+            raise ValueError(f"not an archive name: {job.archive!r}")
+        where = f"{root.rstrip('/')}/{job.directory}" if job.directory else root
+        expect = f"{real_root.rstrip('/')}/{job.directory}" if job.directory else real_root
         steps = b""
-        if sweep:
+        if job.sweep:
             steps = (
                 f"for f in ./{ARCHIVE_PREFIX}*{PARTIAL_SUFFIX}; do case $f in "
-                f'./{ARCHIVE_PREFIX}{run}-*) ;; *) rm -f -- "$f";; esac; done; '
+                f'./{ARCHIVE_PREFIX}{run}-*) ;; *) [ -e "$f" ] && rm -f -- "$f";; esac; done; '
             ).encode()
         lines.append(
             b"if cd -P -- "
@@ -542,25 +581,43 @@ def unpack_script(
             + b" ]; then "
             + steps
             + b"tar -x -p --no-same-owner --force-local -f "
-            + ours
+            + _quote_bytes(_encode("./" + job.archive))
             + b' </dev/null; echo "'
             + _UNPACKED
-            + b'$?"; rm -f -- '
-            + ours
-            + b"; else echo '"
+            + b"$?\"; else echo '"
             + _UNPACKED
             + b"-'; fi"
         )
     lines.append(b"cd /")
+    archives = [_join(job.directory, job.archive) for job in jobs]
+    lines.append(b"(cd -- " + quoted_root + b" && " + _for_each(b"rm -f", archives) + b")")
+    lines.append(b"printf '\\n%s\\n' " + marker.encode())
+    members = [_join(job.directory, m) for job in jobs for m in job.members]
+    if tool is not None and members:
+        lines.append(b"(cd -- " + quoted_root + b" && " + _hashing(tool, members) + b")")
     return b"\n".join(lines)
 
 
-def parse_unpack_output(stdout: bytes, jobs: int) -> list[bool]:
-    """Whether each job of :func:`unpack_script` unpacked its whole archive.
+def parse_unpack_output(
+    stdout: bytes, jobs: Sequence[Unpack], tool: HashTool | None, marker: str
+) -> list[tuple[bool, dict[str, str]]]:
+    """For each job of :func:`unpack_script`: did its archive unpack whole, and the
+    MD5 of each of its members that was hashed (by member name).
 
-    Output that does not hold exactly one result per job proves nothing: all False.
+    Output that does not hold exactly one result per job proves nothing: all
+    (False, {}).
     """
-    found = [line[len(_UNPACKED) :] for line in _lines(stdout) if line.startswith(_UNPACKED)]
-    if len(found) != jobs:
-        return [False] * jobs
-    return [status == b"0" for status in found]
+    head, found, tail = stdout.partition(b"\n" + marker.encode() + b"\n")
+    statuses = [line[len(_UNPACKED) :] for line in _lines(head) if line.startswith(_UNPACKED)]
+    if not found or len(statuses) != len(jobs):
+        return [(False, {})] * len(jobs)
+    members = [_join(job.directory, m) for job in jobs for m in job.members]
+    hashes = parse_hash_output(tool, tail, members) if tool is not None and members else {}
+    results = []
+    for job, status in zip(jobs, statuses, strict=True):
+        if status != b"0":
+            results.append((False, {}))
+            continue
+        mine = {m: hashes[p] for m in job.members if (p := _join(job.directory, m)) in hashes}
+        results.append((True, mine))
+    return results

@@ -25,12 +25,15 @@ from typing import BinaryIO
 
 import paramiko
 from paramiko.sftp import (
+    CMD_ATTRS,
     CMD_CLOSE,
     CMD_DATA,
     CMD_EXTENDED,
     CMD_EXTENDED_REPLY,
     CMD_FSETSTAT,
     CMD_HANDLE,
+    CMD_LSTAT,
+    CMD_MKDIR,
     CMD_NAME,
     CMD_OPEN,
     CMD_OPENDIR,
@@ -676,6 +679,7 @@ class _Raw(bytes):
 
 
 _NO_ATTRS = _Raw(_U32.pack(0))  # SFTP v3 ATTRS with no attribute set
+_DIR_ATTRS = _Raw(_U32.pack(paramiko.SFTPAttributes.FLAG_PERMISSIONS) + _U32.pack(0o755))
 _MODE_AND_TIMES = paramiko.SFTPAttributes.FLAG_PERMISSIONS | paramiko.SFTPAttributes.FLAG_AMTIME
 
 
@@ -1057,42 +1061,52 @@ class _Shell:
 class _Unpacker:
     """The helper thread of :meth:`SFTPTransport._put_tarred`: it unpacks archives.
 
-    ``submit`` (from the writing thread) queues an archive whose CLOSE succeeded;
-    the thread sends all that are queued in one session script. The members of an
-    archive that did not unpack whole go into ``failed``. ``finish`` waits for the
-    queue to empty and raises what stopped the thread (a lost connection).
+    One per connection. ``submit`` (from a writing thread) queues an archive whose
+    CLOSE succeeded, with the partials in it and where their failures go; the
+    thread sends all that are queued in one session script, so the peer unpacks
+    one batch while the next is written, all through one shell. ``wait(n)`` waits
+    until the first ``n`` archives ever submitted are done, and raises what
+    stopped the thread (a lost connection).
     """
 
-    def __init__(
-        self,
-        t: SFTPTransport,
-        real_root: str,
-        members: dict[str, list[str]],
-        failed: dict[str, Exception],
-    ) -> None:
+    def __init__(self, t: SFTPTransport, real_root: str) -> None:
         self._t = t
         self._real_root = real_root
-        self._members = members
-        self._failed = failed
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._queue: queue.Queue[_Archive | None] = queue.Queue()
+        self._done = threading.Condition()
+        self._submitted = 0
+        self._finished = 0
         self._error: BaseException | None = None
+        self._count = 0
         self._thread = threading.Thread(target=self._run, name="sftp-unpack", daemon=True)
         self._thread.start()
 
-    def submit(self, archive: str) -> None:
+    def submit(self, archive: _Archive) -> int:
+        """Queue ``archive``; return how many have been submitted (this one included)."""
+        with self._done:
+            self._submitted += 1
+            count = self._submitted
         self._queue.put(archive)
+        return count
 
-    def finish(self, quiet: bool = False) -> None:
-        """Wait until every archive submitted is unpacked (or failed)."""
+    def submitted(self) -> int:
+        with self._done:
+            return self._submitted
+
+    def wait(self, count: int) -> None:
+        with self._done:
+            while self._finished < count and self._error is None:
+                self._done.wait()
+            if self._error is not None:
+                raise self._error
+
+    def close(self) -> None:
         self._queue.put(None)
-        self._thread.join()
-        if self._error is not None and not quiet:
-            raise self._error
 
     def _run(self) -> None:
         ending = False
         while not ending:
-            batch: list[str] = []
+            batch: list[_Archive] = []
             item = self._queue.get()
             while True:
                 if item is None:
@@ -1103,36 +1117,61 @@ class _Unpacker:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-            if batch and self._error is None:
-                try:
+            try:
+                if batch and self._error is None:
                     self._unpack(batch)
-                except (TransferError, OSError) as e:  # no shell: the files go one by one
-                    for archive in batch:
-                        self._fail(
-                            archive, e if isinstance(e, TransferError) else TransferError(str(e))
-                        )
-                except BaseException as e:  # handed to the writing thread by finish()
-                    self._error = e
-            if self._error is not None:
+            except (TransferError, OSError) as e:  # no shell: the files go one by one
+                error = e if isinstance(e, TransferError) else TransferError(str(e))
                 for archive in batch:
-                    self._fail(archive, TransferError("write: not unpacked"))
+                    archive.fail(error)
+            except BaseException as e:  # raised to the writing threads by wait()
+                with self._done:
+                    self._error = e
+            finally:
+                if self._error is not None:
+                    for archive in batch:
+                        archive.fail(TransferError("write: not unpacked"))
+                with self._done:
+                    self._finished += len(batch)
+                    self._done.notify_all()
 
-    def _unpack(self, batch: list[str]) -> None:
+    def _unpack(self, batch: list[_Archive]) -> None:
         t = self._t
         jobs = []
         for archive in batch:
-            parent, _, name = archive.rpartition("/")
-            jobs.append((parent, name, t._first_archive_in(parent)))
-        script = remote_shell.unpack_script(t.root, self._real_root, t._run, jobs)
+            parent, _, name = archive.path.rpartition("/")
+            members = [p.rpartition("/")[2] for p in archive.members]
+            jobs.append(remote_shell.Unpack(parent, name, t._first_archive_in(parent), members))
+        tool = t._tool if t._probed else None  # hashed now if the probe has answered
+        self._count += 1
+        marker = f"leftssh-{t._run}-{self._count}"
+        script = remote_shell.unpack_script(t.root, self._real_root, t._run, jobs, tool, marker)
         done, out = t._ask_shell(script, "unpacking")
-        results = remote_shell.parse_unpack_output(out, len(jobs)) if done else [False] * len(jobs)
-        for archive, ok in zip(batch, results, strict=True):
+        if done:
+            results = remote_shell.parse_unpack_output(out, jobs, tool, marker)
+        else:
+            results = [(False, {})] * len(jobs)
+        for archive, job, (ok, hashes) in zip(batch, jobs, results, strict=True):
             if not ok:
-                self._fail(archive, TransferError("write: the archive did not unpack"))
+                archive.fail(TransferError("write: the archive did not unpack"))
+            elif hashes:
+                t._remember_hashes({join(job.directory, n): md5 for n, md5 in hashes.items()})
 
-    def _fail(self, archive: str, error: Exception) -> None:
-        for path in self._members.get(archive, ()):
-            self._failed[path] = error
+
+class _Archive:
+    """One archive of small files on its way: its path, the partials in it, and where
+    the failures of those go."""
+
+    __slots__ = ("path", "members", "failed")
+
+    def __init__(self, path: str, members: list[str], failed: dict[str, Exception]) -> None:
+        self.path = path
+        self.members = members
+        self.failed = failed
+
+    def fail(self, error: Exception) -> None:
+        for path in self.members:
+            self.failed[path] = error
 
 
 class SFTPTransport:
@@ -1158,6 +1197,8 @@ class SFTPTransport:
         self._run = os.urandom(6).hex()  # names this run's archives
         self._archives = 0
         self._swept: set[str] = set()  # directories cleared of other runs' archives
+        self._hashed: dict[str, str] = {}  # partial -> MD5 the peer took as it unpacked it
+        self._unpacker: _Unpacker | None = None
         sftp = self.client()
         try:
             home = sftp.normalize(".")
@@ -1437,12 +1478,33 @@ class SFTPTransport:
     def can_hash(self) -> bool:
         return self._hash_tool() is not None
 
+    def _remember_hashes(self, hashes: dict[str, str]) -> None:
+        with self._lock:
+            self._hashed.update(hashes)
+
+    def _forget_hash(self, path: str) -> None:
+        """``path`` is about to be written another way: its remembered MD5 is void."""
+        if self._hashed:
+            with self._lock:
+                self._hashed.pop(path, None)
+
     def hash_files(self, paths: list[str]) -> dict[str, str]:
-        """MD5 many remote files with one command per batch (names on stdin)."""
+        """MD5 many remote files with one command per batch (names on stdin).
+
+        A partial that the peer hashed right after unpacking it (see
+        :meth:`_put_tarred`) is answered with that MD5, once, instead of again.
+        """
         tool = self._hash_tool()
         if tool is None:
             raise HashUnavailable("the peer cannot run md5sum")
         result: dict[str, str] = {}
+        if self._hashed:
+            with self._lock:
+                for p in paths:
+                    md5 = self._hashed.pop(p, None)
+                    if md5 is not None:
+                        result[p] = md5
+            paths = [p for p in paths if p not in result]
         for i in range(0, len(paths), _HASH_BATCH):
             batch = paths[i : i + _HASH_BATCH]
             for p in batch:
@@ -1521,6 +1583,7 @@ class SFTPTransport:
         """
         sftp = self.client()
         full = self.full(path)
+        self._forget_hash(path)
         self._inside(path, whole=bool(offset))
         try:
             if offset:
@@ -1727,6 +1790,7 @@ class SFTPTransport:
                 on_done(put.path)
 
         def start(path: str, data: bytes, attrs: tuple[int, int]) -> None:
+            self._forget_hash(path)
             put = _Put(path, data, attrs)
             in_flight[0] += len(data)
             parent = path.rpartition("/")[0]
@@ -1755,6 +1819,24 @@ class SFTPTransport:
             if isinstance(e, Exception) and _stops_pipeline(e):
                 raise self._error(e, "write") from e
             raise
+
+    def warm_up(self, hashes: bool) -> None:
+        """Start the run's shell and ask it what it has, on a thread of its own.
+
+        The first command of a session pays the login shell's start-up (a user's
+        ``.bashrc`` may take a tenth of a second); a copy that needs the shell then
+        finds it ready. With ``hashes`` the md5 probe is asked too (archives are
+        then hashed as soon as they are unpacked). Failures are left for the copy
+        to meet.
+        """
+
+        def ask() -> None:
+            with contextlib.suppress(Exception):
+                if hashes:
+                    self._hash_tool()
+                self._tar_usable()
+
+        threading.Thread(target=ask, name="sftp-warm-up", daemon=True).start()
 
     def _tar_usable(self) -> bool:
         """Tell (asking once) whether the peer's session shell has GNU tar."""
@@ -1785,17 +1867,17 @@ class SFTPTransport:
         Consecutive files of one directory go into one archive (up to ``ARCHIVE_BYTES``
         or ``ARCHIVE_FILES``), written as a partial of its own in that directory by
         :meth:`_put_each` (so its directory is checked like any other). As soon as an
-        archive is closed, a helper thread has the session shell unpack it there
-        (:func:`remote_shell.unpack_script`) while the next ones are written, and
-        goes on after this returns; the function returned waits for it. A file
-        whose archive was not written or not wholly unpacked is reported failed.
+        archive is closed, the connection's unpacking thread (:class:`_Unpacker`) has
+        the session shell unpack it there (:func:`remote_shell.unpack_script`) while
+        the next ones are written, and goes on after this returns; the function
+        returned waits for it. A file whose archive was not written or not wholly
+        unpacked is reported failed.
         """
-        real_root = self._resolved_root(self.client())
+        unpacker = self._unpacking()
         failed: dict[str, Exception] = {}
-        members: dict[str, list[str]] = {}  # archive path -> the partials in it
-        unpacker = _Unpacker(self, real_root, members, failed)
+        archives: dict[str, _Archive] = {}
 
-        def archives() -> Iterator[tuple[str, bytes, tuple[int, int]]]:
+        def packed() -> Iterator[tuple[str, bytes, tuple[int, int]]]:
             parent: str | None = None
             pieces: list[bytes] = []
             paths: list[str] = []
@@ -1805,9 +1887,10 @@ class SFTPTransport:
                 if paths and (
                     where != parent or size >= ARCHIVE_BYTES or len(paths) >= ARCHIVE_FILES
                 ):
-                    yield self._archive(parent or "", pieces, paths, members)
+                    yield self._archive(parent or "", pieces, paths, archives, failed)
                     pieces, paths, size = [], [], 0
                 parent = where
+                self._forget_hash(path)
                 try:
                     got = tar.member(name.encode("utf-8", "surrogateescape"), data, mtime, mode)
                 except ValueError as e:
@@ -1817,29 +1900,39 @@ class SFTPTransport:
                 paths.append(path)
                 size += len(data)
             if paths:
-                yield self._archive(parent or "", pieces, paths, members)
+                yield self._archive(parent or "", pieces, paths, archives, failed)
 
-        try:
-            not_written = self._put_each(archives(), on_done=unpacker.submit)
-        except BaseException:
-            unpacker.finish(quiet=True)
-            raise
+        not_written = self._put_each(packed(), on_done=lambda p: unpacker.submit(archives[p]))
+        count = unpacker.submitted()
 
         def unpacked() -> dict[str, Exception]:
-            unpacker.finish()
-            for archive, error in not_written.items():
-                for path in members[archive]:
-                    failed[path] = error
+            unpacker.wait(count)
+            for path, error in not_written.items():
+                archives[path].fail(error)
             return failed
 
         return unpacked
 
+    def _unpacking(self) -> _Unpacker:
+        real_root = self._resolved_root(self.client())
+        with self._lock:
+            if self._unpacker is None:
+                self._unpacker = _Unpacker(self, real_root)
+            return self._unpacker
+
     def _archive(
-        self, parent: str, pieces: list[bytes], paths: list[str], members: dict[str, list[str]]
+        self,
+        parent: str,
+        pieces: list[bytes],
+        paths: list[str],
+        archives: dict[str, _Archive],
+        failed: dict[str, Exception],
     ) -> tuple[str, bytes, tuple[int, int]]:
-        self._archives += 1
-        path = join(parent, remote_shell.archive_name(self._run, self._archives))
-        members[path] = paths
+        with self._lock:
+            self._archives += 1
+            number = self._archives
+        path = join(parent, remote_shell.archive_name(self._run, number))
+        archives[path] = _Archive(path, paths, failed)
         pieces.append(tar.END)
         return path, b"".join(pieces), (int(time.time()), 0o600)
 
@@ -1880,6 +1973,73 @@ class SFTPTransport:
                 raise _io_error(e, "resolving the share") from e
         return self._real_root
 
+    def make_dirs(self, paths: list[str]) -> dict[str, Exception]:
+        """Make many directories, as :meth:`mkdir` would, with their requests in flight.
+
+        Parents come before their children in ``paths``: the directories are made
+        one depth at a time. For each, the parent is checked first (a REALPATH must
+        resolve inside the share), and only its answer sends the MKDIR; a MKDIR that
+        fails is followed by an LSTAT, so a directory already there is no failure and
+        a non-directory in the way is a ChangedError. Returns the failures by path.
+        """
+        sftp = self.client()
+        real_root = self._resolved_root(sftp)
+        pipe = _Pipeline(sftp)
+        failed: dict[str, Exception] = {}
+
+        def make(path: str) -> None:
+            pipe.send(made(path), CMD_MKDIR, self.full(path), _DIR_ATTRS)
+
+        def checked(path: str, parent: str) -> _Callback:
+            def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+                if isinstance(error, FileNotFoundError):
+                    pass  # nothing there to follow: the MKDIR fails on its own
+                elif error is not None or msg is None or t != CMD_NAME or msg.get_int() != 1:
+                    failed[path] = _io_error(error or EOFError("bad REALPATH answer"), "mkdir")
+                    return
+                elif msg.get_text() != posixpath.join(real_root, parent):
+                    failed[path] = UnsafePath(f"{display(path)}: leads outside the share")
+                    return
+                make(path)
+
+            return done
+
+        def made(path: str) -> _Callback:
+            def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+                if error is not None:
+                    pipe.send(found(path, error), CMD_LSTAT, self.full(path))
+
+            return done
+
+        def found(path: str, cause: BaseException) -> _Callback:
+            def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+                if error is None and msg is not None and t == CMD_ATTRS:
+                    if stat.S_ISDIR(paramiko.SFTPAttributes._from_msg(msg).st_mode or 0):
+                        return
+                    failed[path] = ChangedError("a non-directory is in the way")
+                else:
+                    failed[path] = _io_error(cause, "mkdir")
+
+            return done
+
+        levels: dict[int, list[str]] = {}
+        for path in paths:
+            levels.setdefault(path.count("/"), []).append(path)
+        try:
+            for level in sorted(levels):
+                for path in levels[level]:
+                    while len(pipe) >= PIPELINE_REQUESTS:
+                        pipe.step()
+                    parent = path.rpartition("/")[0]
+                    if parent:
+                        pipe.send(checked(path, parent), CMD_REALPATH, self.full(parent))
+                    else:
+                        make(path)
+                pipe.drain()
+        except Exception as e:
+            raise self._error(e, "mkdir") from e
+        return failed
+
     def mkdir(self, path: str) -> None:
         self._inside(path)
         try:
@@ -1912,6 +2072,7 @@ class SFTPTransport:
             raise _io_error(e, "delete") from e
 
     def remove_partial(self, path: str) -> None:
+        self._forget_hash(path)
         self._inside(path)
         try:
             self.client().remove(self.full(path))
@@ -1982,6 +2143,8 @@ class SFTPTransport:
 
     def close(self) -> None:
         self.release_lock()
+        if self._unpacker is not None:
+            self._unpacker.close()
         for shell in self._all_shells:
             shell.close()
         for sftp in self._clients:
