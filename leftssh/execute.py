@@ -8,6 +8,7 @@ receiving side, and only then renamed over the final name.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import threading
@@ -41,6 +42,7 @@ from leftssh.transport.base import (
 
 BATCH_FILES = 2000
 BATCH_BYTES = 256 << 20
+SETTLE_AHEAD = 2  # batches that may wait for their verify-and-commit stage
 FOLLOW_MIN = 32 << 20  # files this large are hashed by the receiving side as they arrive
 SMALL_FILE = 256 << 10  # uploads up to this size share one request pipeline
 
@@ -111,7 +113,7 @@ class Executor:
         self._pool: ThreadPoolExecutor | None = None
         self._hasher: ThreadPoolExecutor | None = None
         self._settler: ThreadPoolExecutor | None = None
-        self._settling: Future | None = None
+        self._settling: collections.deque[Future] = collections.deque()
         self._verify_mode: str | None = None
         # Small uploads share one request pipeline where both sides offer it.
         self._renames_pipelined = isinstance(self.remote, PipelinedUploads)
@@ -202,12 +204,11 @@ class Executor:
         try:
             return self._run(plan)
         finally:
-            if self._settling is not None:
+            while self._settling:
                 try:
-                    self._settling.result()
+                    self._settling.popleft().result()
                 except BaseException:
                     pass  # the run is already ending with its own error
-                self._settling = None
             for pool in (self._settler, self._pool, self._hasher):
                 if pool is not None:
                     pool.shutdown(wait=True)
@@ -377,8 +378,8 @@ class Executor:
         """Copy a batch of files, then verify them with one hash call per side and commit.
 
         With ``background`` the verify-and-commit stage runs on its own thread while
-        the caller goes on copying the next batch (at most one batch settles at a time;
-        ``_settled`` waits for it).
+        the caller goes on copying the next batches: batches settle one at a time, in
+        order, and at most ``SETTLE_AHEAD`` wait for it (``_settled`` waits for all).
         """
         mode = self._mode_to_start(actions)
         copies = {a.path: _Copy(a, "") for a in actions}
@@ -393,18 +394,18 @@ class Executor:
         if not background:
             self._settle(actions, copies, mode, sink, prehash, placed)
             return
-        self._settled()
+        while len(self._settling) >= SETTLE_AHEAD:
+            self._settling.popleft().result()
         if self._settler is None:
             self._settler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="settle")
-        self._settling = self._settler.submit(
-            self._settle, actions, copies, mode, sink, prehash, placed
+        self._settling.append(
+            self._settler.submit(self._settle, actions, copies, mode, sink, prehash, placed)
         )
 
     def _settled(self) -> None:
-        """Wait for the batch verifying in the background; re-raise what stopped it."""
-        pending, self._settling = self._settling, None
-        if pending is not None:
-            pending.result()
+        """Wait for the batches verifying in the background; re-raise what stopped one."""
+        while self._settling:
+            self._settling.popleft().result()
 
     def _stop_if_asked(
         self, actions: list[Action], copies: dict[str, _Copy], sink: list[Outcome] | None
@@ -487,10 +488,12 @@ class Executor:
             for a in actions:
                 fn(a)
             return
-        if self._pool is None:
-            # One pool for the whole run: each worker thread keeps its own SFTP channel.
-            self._pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="transfer")
-        _wait_all([self._pool.submit(fn, a) for a in actions])
+        with self._index_lock:  # the settle thread may get here too
+            if self._pool is None:
+                # One pool for the whole run: each worker thread keeps its own SFTP channel.
+                self._pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="transfer")
+            pool = self._pool
+        _wait_all([pool.submit(fn, a) for a in actions])
 
     def _start_source_hash(self, actions: list[Action], mode: str) -> Future | None:
         """For downloads, start the peer's MD5 of the sources now, alongside the copies.
