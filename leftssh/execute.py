@@ -579,7 +579,7 @@ class Executor:
                     c.error = "source changed during transfer; will retry on the next run"
                     continue
                 if self._limiter:
-                    self._limiter.consume(len(data))
+                    self._limiter.consume(dst.wire_size(c.partial, len(data)))
                 c.digest = hashlib.md5(data).hexdigest()
                 c.sent += len(data)
                 if self.on_bytes is not None:

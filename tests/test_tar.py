@@ -13,9 +13,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from leftssh import cli, execute
 from leftssh.transport import remote_shell, tar
 from leftssh.transport.remote_shell import HashTool, Unpack
+from leftssh.transport.sftp import SFTPTransport
 from tests.test_remote_shell import HOSTILE_NAMES, SHELLS, needs_md5sum
 
 
@@ -71,6 +74,13 @@ def test_members_read_back_by_python_tarfile() -> None:
             assert m.isreg() and (m.size, m.mtime, m.mode) == (len(data), mtime, mode)
             extracted = tf.extractfile(m)
             assert extracted is not None and extracted.read() == data
+
+
+def test_member_size_is_what_member_makes() -> None:
+    for name_bytes in (1, 99, 100, 101, 255):
+        for size in (0, 1, 511, 512, 513, 70_000):
+            made = tar.member(b"n" * name_bytes, bytes(size), 0, 0o644)
+            assert sum(map(len, made)) == tar.member_size(name_bytes, size)
 
 
 def test_member_masks_mode_and_rejects_what_it_cannot_hold() -> None:
@@ -310,3 +320,38 @@ def test_partials_hashed_as_they_were_unpacked_are_not_hashed_again(remote) -> N
         paths[1]: hashlib.md5(items[1][1]).hexdigest(),
     }
     assert asked == ["hashing"]
+
+
+@pytest.mark.parametrize("archives", [True, False], ids=["archives", "each"])
+def test_bwlimit_counts_what_small_files_take_on_the_wire(
+    sshd, tmp_path: Path, monkeypatch, archives: bool
+) -> None:
+    local, peer = tmp_path / "share", tmp_path / "peer"
+    (local / "d").mkdir(parents=True)
+    sizes = [1, 100, 511, 513, 3000]
+    for i, size in enumerate(sizes):
+        (local / "d" / f"f{i}.bin").write_bytes(bytes(size))
+    peer.mkdir()
+    if not archives:
+        monkeypatch.setattr(SFTPTransport, "_tar_usable", lambda self: False)
+    charged: list[int] = []
+    real = execute.RateLimiter.consume
+
+    def consume(self: execute.RateLimiter, n: int) -> None:
+        charged.append(n)
+        real(self, n)
+
+    monkeypatch.setattr(execute.RateLimiter, "consume", consume)
+    args = ["push", sshd.target(str(peer)), "-d", str(local), "-q", "--bwlimit", "10M"]
+    result = CliRunner().invoke(
+        cli.main_group,
+        [*args, *sshd.cli_args()],
+        env={"LEFTSSH_STATE_DIR": str(tmp_path / "state")},
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert len(charged) == len(sizes)
+    if archives:  # a 512-byte header, and the data padded to whole blocks
+        assert sorted(charged) == sorted(512 + s + (-s % 512) for s in sizes)
+    else:
+        assert all(n > s for n, s in zip(sorted(charged), sorted(sizes), strict=True))

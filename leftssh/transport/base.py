@@ -97,6 +97,11 @@ class PipelinedUploads(Protocol):
         are retried one by one). It must be called, once."""
         ...
 
+    def wire_size(self, name: str, size: int) -> int:
+        """About how many bytes ``put_files`` sends for a file (its data and framing),
+        for ``--bwlimit``; known once ``put_files`` has started taking items."""
+        ...
+
     def rename_new(self, pairs: list[tuple[str, str]]) -> dict[str, Exception]:
         """Rename each partial to a name that held nothing at the scan, never replacing
         one; return the failures by partial path."""

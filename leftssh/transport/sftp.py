@@ -113,6 +113,12 @@ def _io_error(e: BaseException, what: str) -> Exception:
 
 
 _U32 = struct.Struct(">I")
+
+
+def _encode(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
 _U64 = struct.Struct(">Q")
 _MAX_ANSWER = 1 << 24  # no SFTP answer to the pipeline's requests is this large
 
@@ -1702,6 +1708,13 @@ class SFTPTransport:
         failed = self._put_each(items)
         return lambda: failed
 
+    def wire_size(self, name: str, size: int) -> int:
+        """About how many bytes ``put_files`` sends for a file (for ``--bwlimit``)."""
+        if self._tar:
+            return tar.member_size(len(_encode(name.rpartition("/")[2])), size)
+        # an OPEN, WRITE, FSETSTAT and CLOSE with their headers, names and handles
+        return size + 4 * 13 + 2 * len(_encode(name)) + 40
+
     def _put_each(
         self,
         items: Iterable[tuple[str, bytes, tuple[int, int]]],
@@ -1892,7 +1905,7 @@ class SFTPTransport:
                 parent = where
                 self._forget_hash(path)
                 try:
-                    got = tar.member(name.encode("utf-8", "surrogateescape"), data, mtime, mode)
+                    got = tar.member(_encode(name), data, mtime, mode)
                 except ValueError as e:
                     failed[path] = TransferError(f"write: {e}")
                     continue

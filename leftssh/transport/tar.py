@@ -58,3 +58,11 @@ def member(name: bytes, data: bytes, mtime: int, mode: int) -> list[bytes]:
         name = name[:MAX_NAME]
     pieces += (_header(name, len(data), mtime, mode & 0o777, b"0"), data, _padding(len(data)))
     return pieces
+
+
+def member_size(name_bytes: int, size: int) -> int:
+    """Bytes :func:`member` makes of a name of ``name_bytes`` bytes and ``size`` bytes of data."""
+    total = BLOCK + size + (-size % BLOCK)
+    if name_bytes > MAX_NAME:
+        total += BLOCK + name_bytes + 1 + (-(name_bytes + 1) % BLOCK)
+    return total
