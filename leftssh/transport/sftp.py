@@ -698,6 +698,26 @@ def _ignore(t: int, msg: paramiko.Message | None, error: BaseException | None) -
     pass
 
 
+def _outside(
+    path: str,
+    parent: str,
+    real_root: str,
+    t: int,
+    msg: paramiko.Message | None,
+    error: BaseException | None,
+) -> BaseException | None:
+    """What is wrong with the REALPATH answer for ``path``'s directory ``parent``: its
+    error, an answer that is not one name, or an UnsafePath when that name is not
+    ``parent`` under ``real_root`` (a symlink on the way); None when nothing is."""
+    if error is not None:
+        return error
+    if msg is None or t != CMD_NAME or msg.get_int() != 1:
+        return paramiko.SFTPError("cannot resolve the directory")
+    if msg.get_text() != posixpath.join(real_root, parent):
+        return UnsafePath(f"{display(path)}: leads outside the share")
+    return None
+
+
 class _Put:
     """One small file of :meth:`SFTPTransport.put_files` on its way."""
 
@@ -1087,13 +1107,10 @@ class _Unpacker:
         self._thread = threading.Thread(target=self._run, name="sftp-unpack", daemon=True)
         self._thread.start()
 
-    def submit(self, archive: _Archive) -> int:
-        """Queue ``archive``; return how many have been submitted (this one included)."""
+    def submit(self, archive: _Archive) -> None:
         with self._done:
             self._submitted += 1
-            count = self._submitted
         self._queue.put(archive)
-        return count
 
     def submitted(self) -> int:
         with self._done:
@@ -1467,17 +1484,23 @@ class SFTPTransport:
                 self._shells.append(shell)
         return done, out
 
+    def _probe(self, script: str, what: str) -> bytes | None:
+        """What the session shell printed for ``script``; None if it did not finish it
+        or no shell could be started on a connection that is still up."""
+        try:
+            done, out = self._ask_shell(script, what)
+        except ConnectError:
+            if not self._t.is_active():
+                raise
+            return None
+        return out if done else None
+
     def _hash_tool(self) -> remote_shell.HashTool | None:
         if not self._probed:
             with self._probe_lock:
                 if not self._probed:
-                    try:
-                        done, out = self._ask_shell(remote_shell.PROBE_COMMAND, "probing md5sum")
-                        self._tool = remote_shell.parse_probe(out, 0 if done else 1)
-                    except ConnectError:
-                        if not self._t.is_active():
-                            raise
-                        self._tool = None
+                    got = self._probe(remote_shell.PROBE_COMMAND, "probing md5sum")
+                    self._tool = remote_shell.parse_probe(got, 0) if got is not None else None
                     self._probed = True
         return self._tool
 
@@ -1741,10 +1764,9 @@ class SFTPTransport:
 
         def checked(put: _Put, parent: str) -> _Callback:
             def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
-                if error is not None or msg is None or t != CMD_NAME or msg.get_int() != 1:
-                    fail(put, error or paramiko.SFTPError("cannot resolve the directory"))
-                elif msg.get_text() != posixpath.join(real_root, parent):
-                    fail(put, UnsafePath(f"{display(put.path)}: leads outside the share"))
+                problem = _outside(put.path, parent, real_root, t, msg, error)
+                if problem is not None:
+                    fail(put, problem)
                 if put.error is not None:
                     finish(put)
                     return
@@ -1856,13 +1878,8 @@ class SFTPTransport:
         if self._tar is None:
             with self._probe_lock:
                 if self._tar is None:
-                    try:
-                        done, out = self._ask_shell(remote_shell.TAR_PROBE, "probing tar")
-                        self._tar = done and remote_shell.parse_tar_probe(out)
-                    except ConnectError:
-                        if not self._t.is_active():
-                            raise
-                        self._tar = False
+                    got = self._probe(remote_shell.TAR_PROBE, "probing tar")
+                    self._tar = got is not None and remote_shell.parse_tar_probe(got)
         return self._tar
 
     def _first_archive_in(self, parent: str) -> bool:
@@ -2005,15 +2022,13 @@ class SFTPTransport:
 
         def checked(path: str, parent: str) -> _Callback:
             def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
-                if isinstance(error, FileNotFoundError):
-                    pass  # nothing there to follow: the MKDIR fails on its own
-                elif error is not None or msg is None or t != CMD_NAME or msg.get_int() != 1:
-                    failed[path] = _io_error(error or EOFError("bad REALPATH answer"), "mkdir")
-                    return
-                elif msg.get_text() != posixpath.join(real_root, parent):
-                    failed[path] = UnsafePath(f"{display(path)}: leads outside the share")
-                    return
-                make(path)
+                problem = _outside(path, parent, real_root, t, msg, error)
+                if isinstance(problem, UnsafePath):
+                    failed[path] = problem
+                elif problem is not None and not isinstance(problem, FileNotFoundError):
+                    failed[path] = _io_error(problem, "mkdir")
+                else:  # a missing parent has nothing to follow: the MKDIR fails on its own
+                    make(path)
 
             return done
 
