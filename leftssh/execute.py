@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -637,6 +638,8 @@ class Executor:
         c.attrs_set = False
         c.dst_md5 = None
         sent = 0
+        if source.size - offset >= FOLLOW_MIN:
+            hasher = _HashingThread(hasher)
         try:
             for block in src.read_chunks(a.path, offset, source.size):
                 if self.stop.is_set():
@@ -650,6 +653,8 @@ class Executor:
                 sent += len(block)
                 c.sent += len(block)
         finally:
+            if isinstance(hasher, _HashingThread):
+                hasher.close()
             _write(out, None, dst, c.partial)
         c.attrs_set = bool(getattr(out, "attrs_set", False))
         c.dst_md5 = getattr(out, "md5", None)
@@ -807,6 +812,42 @@ class Executor:
             ),
             sink,
         )
+
+
+class _HashingThread:
+    """An MD5 that takes its blocks on a thread of its own.
+
+    hashlib lets go of the GIL while it hashes a large block, so a large copy's
+    hash runs beside the reads and writes of the thread that copies instead of
+    after each of them. At most ``AHEAD`` blocks wait; ``close`` (always called)
+    lets the thread finish, and ``hexdigest`` waits for it.
+    """
+
+    AHEAD = 16
+
+    def __init__(self, h: hashlib._Hash) -> None:
+        self._h = h
+        self._blocks: queue.Queue[bytes | None] = queue.Queue(self.AHEAD)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="md5", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (block := self._blocks.get()) is not None:
+            self._h.update(block)
+
+    def update(self, block: bytes) -> None:
+        self._blocks.put(block)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._blocks.put(None)
+
+    def hexdigest(self) -> str:
+        self.close()
+        self._thread.join()
+        return self._h.hexdigest()
 
 
 def _write(out: BinaryIO, block: bytes | None, dst: Transport, partial: str) -> None:

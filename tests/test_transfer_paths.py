@@ -136,39 +136,6 @@ def test_rename_new_never_replaces_a_name_that_appeared(remote) -> None:
     assert (root / ".two.leftpart").exists()
 
 
-def test_push_of_small_files_keeps_a_name_that_appears_before_the_rename(
-    sshd: Sshd, tmp_path: Path, monkeypatch
-) -> None:
-    local, remote_dir = tmp_path / "share", tmp_path / "peer"
-    (local / "d").mkdir(parents=True)
-    for i in range(30):
-        (local / "d" / f"f{i}.txt").write_text(f"file {i}\n")
-    real_rename = SFTPTransport.rename_new
-
-    def late_writer(self: SFTPTransport, pairs: list[tuple[str, str]]) -> dict[str, Exception]:
-        (remote_dir / "d" / "f7.txt").write_text("written by someone else\n")
-        return real_rename(self, pairs)
-
-    monkeypatch.setattr(SFTPTransport, "rename_new", late_writer)
-    result = CliRunner().invoke(
-        cli.main_group,
-        ["push", sshd.target(str(remote_dir)), "-d", str(local), "--json", *sshd.cli_args()],
-        env={"LEFTSSH_STATE_DIR": str(tmp_path / "state")},
-        catch_exceptions=False,
-    )
-    records = [json.loads(line) for line in result.output.splitlines() if line.strip()]
-    by_path = {r["path"]: r for r in records if "path" in r}
-    assert by_path["d/f7.txt"]["status"] == "skipped", by_path["d/f7.txt"]
-    assert "appeared since the scan" in by_path["d/f7.txt"]["reason"]
-    assert (remote_dir / "d" / "f7.txt").read_text() == "written by someone else\n"
-    for i in range(30):
-        if i != 7:
-            assert by_path[f"d/f{i}.txt"]["status"] == "ok"
-            assert (remote_dir / "d" / f"f{i}.txt").read_text() == f"file {i}\n"
-    assert not [p for p in remote_dir.rglob("*.leftpart")]
-    assert result.exit_code == 1
-
-
 def test_locks_appear_whole_and_leave_no_temporary_file(remote, tmp_path) -> None:
     """A lock file is linked or renamed into place already holding its holder, so a run
     killed while taking it never leaves an empty lock behind."""

@@ -621,3 +621,93 @@ def parse_unpack_output(
         mine = {m: hashes[p] for m in job.members if (p := _join(job.directory, m)) in hashes}
         results.append((True, mine))
     return results
+
+
+# -- renaming many partials into place at once ------------------------------------
+
+PERL_PROBE = "perl -e 'print qq(leftssh-perl\\n)' </dev/null"
+"""Run once per connection in the session: does the peer have perl (for :func:`rename_script`)."""
+
+_RENAMED = b"leftssh-mv "
+_RENAME_CHUNK = 32 << 10  # argument bytes per perl: far below any ARG_MAX
+
+# Each pair: the partial must still be a regular file (lstat, not followed); link(2)
+# gives it the new name only if that name is free (as OpenSSH's SFTP rename does),
+# then the partial's name is removed. One line per pair that failed (its number and
+# errno, or "nf" for a partial that is gone or no longer a regular file), and a
+# last line saying the chunk ran to its end.
+_RENAME_PERL = (
+    "my $b = shift; for (my $i = 0; $i < @ARGV; $i += 2) { my ($o, $n) = @ARGV[$i, $i + 1];"
+    " my $k = $b + $i / 2; if (!(lstat $o) || !-f _) { print qq(leftssh-mv $k nf\\n) }"
+    " elsif (link $o, $n) { unlink $o } else { print qq(leftssh-mv $k ), $! + 0, qq(\\n) } }"
+    " print qq(leftssh-mv end $b\\n)"
+)
+
+
+def parse_perl_probe(stdout: bytes) -> bool:
+    """Tell whether :data:`PERL_PROBE` ran perl (other lines are start-up noise)."""
+    return b"leftssh-perl" in _lines(stdout)
+
+
+def _rename_chunks(pairs: Sequence[tuple[str, str]]) -> list[tuple[int, list[bytes]]]:
+    """Cut the pairs into chunks of quoted names: (number of its first pair, words)."""
+    chunks: list[tuple[int, list[bytes]]] = []
+    words: list[bytes] = []
+    size = 0
+    for number, pair in enumerate(pairs):
+        quoted = [_quote_bytes(_encode(_check_relpath(p))) for p in pair]
+        length = len(quoted[0]) + len(quoted[1]) + 2
+        if not words or size + length > _RENAME_CHUNK:
+            words, size = [], 0
+            chunks.append((number, words))
+        words += quoted
+        size += length
+    return chunks
+
+
+def rename_script(root: str, pairs: Sequence[tuple[str, str]]) -> bytes:
+    """Return the session script giving each (partial, new name) pair, relative to
+    ``root``, its new name unless that name is taken, with one perl per chunk of
+    names. :func:`parse_rename_output` reads what it prints. Raises ValueError for
+    no pairs, or an empty or absolute path or one with NUL."""
+    if not pairs:
+        raise ValueError("nothing to rename")
+    code = b"perl -e " + _quote_bytes(_RENAME_PERL.encode()) + b" -- "
+    runs = [
+        code + str(first).encode() + b" " + b" ".join(words)
+        for first, words in _rename_chunks(pairs)
+    ]
+    return (
+        b"(cd -- "
+        + _quote_root(root).encode(_ENCODING, _ERRORS)
+        + b" && { "
+        + b"; ".join(runs)
+        + b"; } </dev/null)"
+    )
+
+
+def parse_rename_output(stdout: bytes, pairs: Sequence[tuple[str, str]]) -> dict[int, str]:
+    """The pairs of :func:`rename_script` that did not get their new name, by number,
+    each with why (an errno, or "nf": the partial was gone or not a regular file).
+
+    A chunk whose last line is missing (perl absent or killed) proves nothing: each
+    of its pairs counts as failed, with why "?".
+    """
+    failed: dict[int, str] = {}
+    ends: set[int] = set()
+    for line in _lines(stdout):
+        if not line.startswith(_RENAMED):
+            continue
+        words = line[len(_RENAMED) :].split(b" ")
+        if len(words) != 2:
+            continue
+        if words[0] == b"end" and words[1].isdigit():
+            ends.add(int(words[1]))
+        elif words[0].isdigit() and int(words[0]) < len(pairs):
+            failed[int(words[0])] = words[1].decode("ascii", "replace")
+    firsts = [first for first, _ in _rename_chunks(pairs)]
+    for first, end in zip(firsts, [*firsts[1:], len(pairs)], strict=True):
+        if first not in ends:
+            for number in range(first, end):
+                failed.setdefault(number, "?")
+    return failed

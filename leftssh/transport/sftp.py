@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import os
 import posixpath
 import queue
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import paramiko
+from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
 from paramiko.sftp import (
     CMD_ATTRS,
     CMD_CLOSE,
@@ -93,6 +95,187 @@ PIPELINE_BYTES = 8 << 20  # bytes of small files in flight
 _LIST_AHEAD = 32  # directories listed ahead of the scan
 ARCHIVE_BYTES = 1 << 20  # file bytes per archive of small files
 ARCHIVE_FILES = 1000  # files per archive
+SHELL_RENAMES = 64  # new names given at once by the peer's perl, when it has one
+# link(2) errors of a file system without hard links, and a chunk that did not finish
+_LINK_UNSUPPORTED = {
+    str(errno.EPERM),
+    str(errno.EOPNOTSUPP),
+    str(errno.ENOSYS),
+    str(errno.EXDEV),
+    "?",
+}
+
+
+class _Chunks:
+    """The bytes waiting in a channel, kept as the pieces that came in.
+
+    Stands in for the ``array`` of paramiko's BufferedPipe (:class:`_ChunkPipe`):
+    taking bytes from the front hands out a whole piece as it is, where the array
+    copied them out and then moved everything behind them forward.
+    """
+
+    __slots__ = ("_pieces", "_size")
+
+    def __init__(self) -> None:
+        self._pieces: collections.deque[bytes] = collections.deque()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def frombytes(self, data: bytes) -> None:
+        if data:
+            self._pieces.append(data)
+            self._size += len(data)
+
+    def take(self, limit: int | None = None) -> bytes:
+        """Remove and return up to ``limit`` bytes (all with None) from the front."""
+        pieces = self._pieces
+        if not pieces:
+            return b""
+        first = pieces[0]
+        if limit is not None and len(first) >= limit:
+            if len(first) == limit:
+                pieces.popleft()
+            else:
+                pieces[0] = first[limit:]
+                first = first[:limit]
+            self._size -= len(first)
+            return first
+        got = [pieces.popleft()]
+        have = len(first)
+        while pieces and (limit is None or have + len(pieces[0]) <= limit):
+            piece = pieces.popleft()
+            got.append(piece)
+            have += len(piece)
+        self._size -= have
+        return got[0] if len(got) == 1 else b"".join(got)
+
+    def __getitem__(self, part: slice) -> _Chunks:  # the pipe's ``empty``: all of it
+        assert part == slice(None)
+        return self
+
+    def tobytes(self) -> bytes:
+        return b"".join(self._pieces)
+
+    def __delitem__(self, part: slice) -> None:
+        assert part == slice(None)
+        self._pieces.clear()
+        self._size = 0
+
+
+class _ChunkPipe(BufferedPipe):
+    """paramiko's channel input buffer, without copying the bytes it holds on each read.
+
+    A read returns whole pieces as the transport fed them (at most ``nbytes``);
+    paramiko's own pipe copied them out of an array and moved the rest of the array
+    forward, once per read, which for a large download was most of the copying.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffer = _Chunks()  # type: ignore[assignment]
+
+    def read(self, nbytes: int, timeout: float | None = None) -> bytes:
+        with self._cv:
+            while len(self._buffer) == 0:
+                if self._closed:
+                    return b""
+                if timeout == 0.0:
+                    raise PipeTimeout()
+                then = time.monotonic()
+                self._cv.wait(timeout)
+                if timeout is not None:
+                    timeout -= time.monotonic() - then
+                    if timeout <= 0.0 and len(self._buffer) == 0:
+                        raise PipeTimeout()
+            out = self._buffer.take(nbytes)  # type: ignore[attr-defined]
+            if len(self._buffer) == 0 and self._event is not None and not self._closed:
+                self._event.clear()
+            return out
+
+
+class _SFTPClient(paramiko.SFTPClient):
+    """paramiko's SFTP client, copying the bytes of large requests and answers less.
+
+    paramiko's ``_read_all`` grew a bytes object by ``+=`` once per channel read
+    (a 255 KiB answer comes in 32 KiB packets: it was copied about eight times)
+    and ``_read_packet`` copied it once more to drop the type byte. On the way
+    out, a request was written into a message, copied out of it, copied behind
+    its header, and what the channel had not taken yet was copied again after
+    each channel packet. Here an answer is joined once from its pieces, and a
+    request is joined once and handed to the channel as views.
+    """
+
+    def _async_request(self, fileobj: object, t: int, *args: object) -> int:
+        parts: list[bytes | memoryview] = []
+        for item in args:
+            if isinstance(item, int64):
+                parts.append(_U64.pack(item))
+            elif isinstance(item, int):
+                parts.append(_U32.pack(item))
+            elif isinstance(item, paramiko.SFTPAttributes):
+                msg = paramiko.Message()
+                item._pack(msg)
+                parts.append(msg.asbytes())
+            else:
+                data = item.encode("utf-8") if isinstance(item, str) else item
+                assert isinstance(data, bytes | memoryview)
+                parts += (_U32.pack(len(data)), data)
+        with self._lock:
+            num = self.request_number
+            self._expecting[num] = fileobj
+            self.request_number += 1
+        size = 5 + sum(map(len, parts))
+        self._write_all(b"".join((_U32.pack(size), bytes((t,)), _U32.pack(num), *parts)))
+        return num
+
+    def _write_all(self, out: bytes) -> None:
+        view = memoryview(out)
+        while view:
+            n = self.sock.send(view)
+            if n <= 0:
+                raise EOFError()
+            view = view[n:]
+
+    def _read_all(self, n: int) -> bytes:
+        chan = self.sock
+        parts = []
+        while n > 0:
+            x = chan.recv(n)
+            if not x:
+                raise EOFError()
+            parts.append(x)
+            n -= len(x)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_packet(self) -> tuple[int, bytes]:
+        (size,) = _U32.unpack(self._read_all(4))
+        if size >= _MAX_ANSWER:
+            raise paramiko.SFTPError("Garbage packet received")
+        if size == 0:
+            return 0, b""
+        t = self._read_all(1)[0]
+        return t, self._read_all(size - 1) if size > 1 else b""
+
+
+def _open_sftp(t: paramiko.Transport) -> paramiko.SFTPClient | None:
+    """Open an SFTP channel whose input buffer is a :class:`_ChunkPipe`."""
+    chan = t.open_session(window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET)
+    if chan is None:
+        return None
+    chan.in_buffer = _ChunkPipe()  # before the subsystem starts: nothing was fed yet
+    chan.invoke_subsystem("sftp")
+    return _SFTPClient(chan)
+
+
+def _why(code: str) -> str:
+    """Words for what :func:`remote_shell.parse_rename_output` says of a failed pair."""
+    if code == "nf":
+        return "the partial file is gone or no longer a regular file"
+    if code.isdigit():
+        return os.strerror(int(code))
+    return "not done"
 
 
 def _connection_lost(e: BaseException) -> bool:
@@ -1217,6 +1400,7 @@ class SFTPTransport:
         self._lock_path: str | None = None
         self._real_root: str | None = None
         self._tar: bool | None = None  # GNU tar on the peer (asked once)
+        self._perl: bool | None = None  # perl on the peer (asked once)
         self._run = os.urandom(6).hex()  # names this run's archives
         self._archives = 0
         self._swept: set[str] = set()  # directories cleared of other runs' archives
@@ -1238,9 +1422,7 @@ class SFTPTransport:
                 self._local.sftp = sftp
                 return sftp
             try:
-                sftp = paramiko.SFTPClient.from_transport(
-                    self._t, window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET
-                )
+                sftp = _open_sftp(self._t)
             except (paramiko.SSHException, EOFError, OSError) as e:
                 raise ConnectError(f"cannot open an SFTP channel: {e}") from e
             if sftp is None:
@@ -1875,12 +2057,24 @@ class SFTPTransport:
 
     def _tar_usable(self) -> bool:
         """Tell (asking once) whether the peer's session shell has GNU tar."""
-        if self._tar is None:
+        return self._has("_tar", remote_shell.TAR_PROBE, remote_shell.parse_tar_probe)
+
+    def _perl_usable(self) -> bool:
+        """Tell (asking once) whether the peer's session shell has perl."""
+        return self._has("_perl", remote_shell.PERL_PROBE, remote_shell.parse_perl_probe)
+
+    def _has(self, attribute: str, script: str, parse: Callable[[bytes], bool]) -> bool:
+        """The answer kept in ``attribute``, asked once: did ``script`` print what
+        ``parse`` looks for (False if the shell could not run it)."""
+        known = getattr(self, attribute)
+        if known is None:
             with self._probe_lock:
-                if self._tar is None:
-                    got = self._probe(remote_shell.TAR_PROBE, "probing tar")
-                    self._tar = got is not None and remote_shell.parse_tar_probe(got)
-        return self._tar
+                known = getattr(self, attribute)
+                if known is None:
+                    got = self._probe(script, f"probing {attribute.lstrip('_')}")
+                    known = got is not None and parse(got)
+                    setattr(self, attribute, known)
+        return known
 
     def _first_archive_in(self, parent: str) -> bool:
         """True once per directory: the first archive there clears older runs' leftovers."""
@@ -1974,9 +2168,13 @@ class SFTPTransport:
         go through. Returns the failures by partial path; the caller decides what each
         one means (see :meth:`commit`).
         """
+        failed: dict[str, Exception] = {}
+        if len(pairs) >= SHELL_RENAMES and self._perl_usable():
+            pairs = self._rename_in_shell(pairs, failed)
+            if not pairs:
+                return failed
         sftp = self.client()
         pipe = _Pipeline(sftp)
-        failed: dict[str, Exception] = {}
 
         def renamed(partial: str) -> _Callback:
             def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
@@ -1994,6 +2192,33 @@ class SFTPTransport:
         except Exception as e:
             raise self._error(e, "rename into place") from e
         return failed
+
+    def _rename_in_shell(
+        self, pairs: list[tuple[str, str]], failed: dict[str, Exception]
+    ) -> list[tuple[str, str]]:
+        """Rename pairs with perl in the session shell (:func:`remote_shell.rename_script`).
+
+        A pair refused for a reason of its own goes into ``failed``; returned are the
+        pairs left for SFTP: all of them if the shell could not run the script, and
+        those whose chunk did not run to its end or whose link(2) the file system
+        does not support (OpenSSH's RENAME then falls back to rename(2)).
+        """
+        try:
+            done, out = self._ask_shell(remote_shell.rename_script(self.root, pairs), "renaming")
+        except ConnectError:
+            if not self._t.is_active():
+                raise
+            return pairs
+        if not done:
+            return pairs
+        left: list[tuple[str, str]] = []
+        for number, why in remote_shell.parse_rename_output(out, pairs).items():
+            partial, path = pairs[number]
+            if why in _LINK_UNSUPPORTED:
+                left.append(pairs[number])
+            else:
+                failed[partial] = TransferError(f"rename into place: {_why(why)}")
+        return left
 
     def _resolved_root(self, sftp: paramiko.SFTPClient) -> str:
         if self._real_root is None:
