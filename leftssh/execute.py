@@ -693,6 +693,8 @@ class Executor:
         """Remove partials of ``path`` left by an older source version."""
         # keep is ".NAME.<tag>.leftpart", or ".<md5 of NAME>.<tag>.leftpart" for a name
         # too long to fit: either way, the part up to the tag is shared by every version.
+        if not self.manifests[dst_side].partials:
+            return  # the scan found none (the usual case): nothing to look up per file
         with self._index_lock:
             index = self._partials_by_stem.get(dst_side)
             if index is None:  # once per side, not a pass over every partial per file

@@ -466,21 +466,6 @@ class IgnoreRules:
         new._reset_caches()
         return new
 
-    def merged(self, other: IgnoreRules) -> IgnoreRules:
-        """Union of both rule sets; a file present in both is concatenated, self first."""
-        new = self.copy()
-        if other._root and other._root != new._root:
-            new._root = new._root + other._root
-            new._root_level = _compile_level(new._root)
-        for d, lines in other._nested.items():
-            mine = new._nested.get(d)
-            if mine == lines:
-                continue
-            new._nested[d] = (mine or []) + list(lines)
-            new._compiled.pop(d, None)
-        new._reset_caches()
-        return new
-
     # -- queries ------------------------------------------------------------------------
 
     def is_ignored(self, path: str, is_dir: bool) -> bool:

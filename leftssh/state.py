@@ -258,16 +258,6 @@ class BaseStore:
         except OSError:
             pass
 
-    def reset(self) -> bool:
-        removed = False
-        for path in (self.path, self.legacy_path):
-            try:
-                path.unlink()
-                removed = True
-            except FileNotFoundError:
-                pass
-        return removed
-
 
 def _sorted_items(base: Mapping[str, BaseEntry]) -> Iterator[tuple[str, BaseEntry]]:
     for path in sorted(base):

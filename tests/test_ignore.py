@@ -442,24 +442,6 @@ def test_copy_is_independent() -> None:
     assert rules.is_ignored("a", False) and clone.is_ignored("a", False)
 
 
-def test_merged_is_the_union_self_first() -> None:
-    left = IgnoreRules(["*.bak"])
-    left.add_nested("d", "x\n")
-    left.add_nested("same", "s\n")
-    right = IgnoreRules()
-    right.add_nested("d", "!x\ny\n")
-    right.add_nested("e", "z\n")
-    right.add_nested("same", "s\n")
-    both = left.merged(right)
-    assert both.is_ignored("f.bak", False)
-    assert not both.is_ignored("d/x", False)  # right's "!x" comes later in d
-    assert both.is_ignored("d/y", False)
-    assert both.is_ignored("e/z", False)
-    assert both.is_ignored("same/s", False)
-    assert left.is_ignored("d/x", False) and not left.is_ignored("e/z", False)
-    assert not right.is_ignored("f.bak", False)
-
-
 def test_root_and_odd_paths() -> None:
     rules = IgnoreRules(["*"])
     assert not rules.is_ignored("", True)
