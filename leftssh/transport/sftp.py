@@ -117,7 +117,7 @@ class _Chunks:
     __slots__ = ("_pieces", "_size")
 
     def __init__(self) -> None:
-        self._pieces: collections.deque[bytes] = collections.deque()
+        self._pieces: collections.deque[bytes | memoryview] = collections.deque()
         self._size = 0
 
     def __len__(self) -> int:
@@ -128,8 +128,12 @@ class _Chunks:
             self._pieces.append(data)
             self._size += len(data)
 
-    def take(self, limit: int | None = None) -> bytes:
-        """Remove and return up to ``limit`` bytes (all with None) from the front."""
+    def take(self, limit: int | None = None) -> bytes | memoryview:
+        """Remove and return up to ``limit`` bytes (all with None) from the front.
+
+        A piece that is split stays a view of the bytes that came in (nothing is
+        copied to split it); what is returned is such a view or bytes.
+        """
         pieces = self._pieces
         if not pieces:
             return b""
@@ -138,8 +142,9 @@ class _Chunks:
             if len(first) == limit:
                 pieces.popleft()
             else:
-                pieces[0] = first[limit:]
-                first = first[:limit]
+                view = first if isinstance(first, memoryview) else memoryview(first)
+                pieces[0] = view[limit:]
+                first = view[:limit]
             self._size -= len(first)
             return first
         got = [pieces.popleft()]
@@ -176,7 +181,7 @@ class _ChunkPipe(BufferedPipe):
         super().__init__()
         self._buffer = _Chunks()  # type: ignore[assignment]
 
-    def read(self, nbytes: int, timeout: float | None = None) -> bytes:
+    def read(self, nbytes: int, timeout: float | None = None) -> bytes | memoryview:
         with self._cv:
             while len(self._buffer) == 0:
                 if self._closed:
@@ -231,6 +236,13 @@ class _SFTPClient(paramiko.SFTPClient):
         return num
 
     def _write_all(self, out: bytes) -> None:
+        if len(out) <= MAX_PACKET:  # one channel packet: handed on as it is
+            while out:
+                n = self.sock.send(out)
+                if n <= 0:
+                    raise EOFError()
+                out = out[n:]
+            return
         view = memoryview(out)
         while view:
             n = self.sock.send(view)
@@ -247,7 +259,37 @@ class _SFTPClient(paramiko.SFTPClient):
                 raise EOFError()
             parts.append(x)
             n -= len(x)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
+        return b"".join(parts)
+
+    def _read_response(
+        self, waitfor: int | None = None
+    ) -> tuple[int, paramiko.Message] | tuple[None, None]:
+        """paramiko's, with each answer read as an :class:`_Answer`."""
+        while True:
+            try:
+                t, data = self._read_packet()
+            except EOFError as e:
+                raise paramiko.SSHException(f"Server connection dropped: {e}") from e
+            msg = _Answer(data)
+            num = msg.get_int()
+            with self._lock:
+                if num not in self._expecting:
+                    # an answer to a request given up (a file closed before it came)
+                    if waitfor is None:
+                        break
+                    continue
+                fileobj = self._expecting.pop(num)
+            if num == waitfor:
+                if t == CMD_STATUS:
+                    self._convert_status(msg)
+                return t, msg
+            if fileobj is not type(None):
+                fileobj._async_response(t, msg, num)
+            if waitfor is None:
+                break
+        return None, None
 
     def _read_packet(self) -> tuple[int, bytes]:
         (size,) = _U32.unpack(self._read_all(4))
@@ -257,6 +299,29 @@ class _SFTPClient(paramiko.SFTPClient):
             return 0, b""
         t = self._read_all(1)[0]
         return t, self._read_all(size - 1) if size > 1 else b""
+
+
+_PAD_LIMIT = 1 << 20  # paramiko pads a short string with zeros only below this
+
+
+class _Answer(paramiko.Message):
+    """An SFTP answer whose large strings (the data of a READ) are views of it, not copies."""
+
+    _VIEW = 64 << 10
+
+    def __init__(self, content: bytes) -> None:
+        super().__init__(content)
+        self._content = content
+
+    def get_bytes(self, n: int) -> bytes | memoryview:  # type: ignore[override]
+        if n < self._VIEW:
+            return super().get_bytes(n)
+        at = self.packet.tell()
+        got = memoryview(self._content)[at : at + n]
+        self.packet.seek(at + len(got))
+        if len(got) < n < _PAD_LIMIT:  # short: zero-padded, as paramiko's own
+            return bytes(got) + bytes(n - len(got))
+        return got
 
 
 def _open_sftp(t: paramiko.Transport) -> paramiko.SFTPClient | None:
