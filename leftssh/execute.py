@@ -829,7 +829,7 @@ class _HashingThread:
 
     def __init__(self, h: hashlib._Hash) -> None:
         self._h = h
-        self._blocks: queue.Queue[bytes | None] = queue.Queue(self.AHEAD)
+        self._blocks: queue.Queue[bytes | memoryview | None] = queue.Queue(self.AHEAD)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="md5", daemon=True)
         self._thread.start()
@@ -838,7 +838,7 @@ class _HashingThread:
         while (block := self._blocks.get()) is not None:
             self._h.update(block)
 
-    def update(self, block: bytes) -> None:
+    def update(self, block: bytes | memoryview) -> None:
         self._blocks.put(block)
 
     def close(self) -> None:
@@ -852,7 +852,7 @@ class _HashingThread:
         return self._h.hexdigest()
 
 
-def _write(out: BinaryIO, block: bytes | None, dst: Transport, partial: str) -> None:
+def _write(out: BinaryIO, block: bytes | memoryview | None, dst: Transport, partial: str) -> None:
     """Write ``block`` to a partial file (None: close it).
 
     When the receiving side refuses the bytes (disk full, quota, permission, I/O

@@ -1,7 +1,6 @@
 """Many partials renamed into place at once by the peer's perl: the script run for real
 by each local shell, its output parsed, and ``rename_new`` against a real sshd with
-and without perl on the peer. Also the channel buffer and SFTP client that large
-transfers read and write through."""
+and without perl on the peer."""
 
 from __future__ import annotations
 
@@ -9,11 +8,8 @@ import errno
 import json
 import os
 import shutil
-import threading
-import time
 from pathlib import Path
 
-import paramiko
 import pytest
 from click.testing import CliRunner
 
@@ -173,64 +169,3 @@ def test_push_keeps_a_name_that_appears_before_the_rename(
     assert result.exit_code == 1
     with_perl = count >= sftp.SHELL_RENAMES and shutil.which("perl") is not None
     assert used == [True if with_perl else None]
-
-
-# ----------------------------------------------------------- the channel's input buffer
-
-
-def test_chunk_pipe_hands_out_what_was_fed_in_order() -> None:
-    pipe = sftp._ChunkPipe()
-    assert len(pipe) == 0 and not pipe.read_ready()
-    for piece in (b"abc", b"", b"defgh", b"ij"):
-        pipe.feed(piece)
-    assert len(pipe) == 10 and pipe.read_ready()
-    assert pipe.read(2) == b"ab"  # part of a piece
-    assert pipe.read(100) == b"cdefghij"  # the rest, joined
-    pipe.feed(b"klm")
-    pipe.feed(b"nop")
-    assert pipe.read(3) == b"klm"  # a whole piece, as it came
-    assert pipe.read(4) == b"nop"
-    with pytest.raises(paramiko.buffered_pipe.PipeTimeout):
-        pipe.read(1, timeout=0.0)
-    with pytest.raises(paramiko.buffered_pipe.PipeTimeout):
-        pipe.read(1, timeout=0.05)
-    pipe.feed(b"qrs")
-    assert pipe.empty() == b"qrs" and len(pipe) == 0
-    pipe.feed(b"tu")
-    pipe.close()
-    assert pipe.read(10) == b"tu"
-    assert pipe.read(10) == b""  # closed and empty: the end
-
-
-def test_chunk_pipe_wakes_a_waiting_reader_and_sets_the_event() -> None:
-    pipe = sftp._ChunkPipe()
-    event = threading.Event()
-    pipe.set_event(event)
-    assert not event.is_set()
-    got: list[bytes] = []
-    reader = threading.Thread(target=lambda: got.append(pipe.read(10, timeout=10)))
-    reader.start()
-    time.sleep(0.05)
-    pipe.feed(b"late")
-    reader.join(5)
-    assert got == [b"late"]
-    assert not event.is_set()  # read empty again
-    pipe.feed(b"x")
-    assert event.is_set()
-
-
-def test_large_reads_and_writes_through_the_sftp_client(remote) -> None:
-    """Requests and answers of the peer's largest size, and odd sizes, arrive whole."""
-    t, root = remote
-    data = os.urandom(3 * sftp.MAX_REQUEST + 12345)
-    with t.open_write("big.leftpart", 0) as out:
-        out.write(data[:1000])
-        out.write(data[1000:])
-    assert (root / "big.leftpart").read_bytes() == data
-    assert isinstance(t.client(), sftp._SFTPClient)
-    for offset, listed in ((0, None), (5, None), (len(data) - 3, len(data)), (7, 70_000)):
-        got = b"".join(t.read_chunks("big.leftpart", offset, listed))
-        # up to the listed size, and one byte more that tells a file that grew
-        assert got == data[offset : None if listed is None else listed + 1]
-    st = t.client().stat(t.full("big.leftpart"))  # an ordinary request and answer
-    assert st.st_size == len(data)

@@ -54,8 +54,10 @@ class Transport(Protocol):
         """
         ...
 
-    def read_chunks(self, path: str, offset: int, size: int | None = None) -> Iterator[bytes]:
-        """Yield the file's bytes from ``offset``.
+    def read_chunks(
+        self, path: str, offset: int, size: int | None = None
+    ) -> Iterator[bytes | memoryview]:
+        """Yield the file's bytes from ``offset`` (bytes, or views of what arrived).
 
         With ``size`` (what the scan saw), stop one byte past it: a source that grew, or a
         peer whose fstat lies, is caught without reading on.

@@ -553,14 +553,30 @@ class _AckingSocket(socket.socket):
     packet has nothing to send, so its ACK would be delayed by up to 40 ms: after
     authentication (OpenSSH's host key announcement, then the channel confirmation),
     and wherever an answer follows a notice. The kernel leaves quick-ACK mode by
-    itself, so it is asked again after every read.
+    itself, so it is asked again after every read from the kernel. Reads also take
+    what the kernel has beyond what was asked (see :meth:`recv`).
     """
 
+    _READ = 256 << 10  # bytes asked of the kernel at a time
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._ahead = memoryview(b"")
+
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        data = super().recv(bufsize, flags)
-        with contextlib.suppress(OSError):
-            self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]
-        return data
+        """Read up to ``bufsize`` bytes; what the kernel had beyond them is kept for the
+        next reads. paramiko reads each SSH packet's header and then its body: one
+        system call per many packets instead of two per packet."""
+        if not self._ahead:
+            data = super().recv(max(bufsize, self._READ), flags)
+            with contextlib.suppress(OSError):
+                self.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]
+            if len(data) <= bufsize:
+                return data
+            self._ahead = memoryview(data)
+        got = bytes(self._ahead[:bufsize])
+        self._ahead = self._ahead[bufsize:]
+        return got
 
 
 def _load_known_hosts(paths: list[Path]) -> paramiko.HostKeys:
@@ -1209,7 +1225,7 @@ class _Follower:
 
 def _read_pipelined(
     sftp: paramiko.SFTPClient, handle: bytes, offset: int, end: int, request: int, depth: int
-) -> Iterator[bytes]:
+) -> Iterator[bytes | memoryview]:
     """Yield the bytes of ``[offset, end)`` in order, ``depth`` READ requests in flight.
 
     Unlike paramiko's prefetch this keeps memory bounded (no read-ahead past
@@ -1821,7 +1837,9 @@ class SFTPTransport:
             self._io_sizes = sizes
         return self._io_sizes
 
-    def read_chunks(self, path: str, offset: int, size: int | None = None) -> Iterator[bytes]:
+    def read_chunks(
+        self, path: str, offset: int, size: int | None = None
+    ) -> Iterator[bytes | memoryview]:
         sftp = self.client()
         try:
             f = sftp.open(self.full(path), "rb")
