@@ -638,9 +638,9 @@ class Executor:
         c.attrs_set = False
         c.dst_md5 = None
         sent = 0
-        if source.size - offset >= FOLLOW_MIN:
-            hasher = _HashingThread(hasher)
         try:
+            if source.size - offset >= FOLLOW_MIN:
+                hasher = _HashingThread(hasher)
             for block in src.read_chunks(a.path, offset, source.size):
                 if self.stop.is_set():
                     raise Interrupted("interrupted")
@@ -831,12 +831,17 @@ class _HashingThread:
         self._h = h
         self._blocks: queue.Queue[bytes | memoryview | None] = queue.Queue(self.AHEAD)
         self._closed = False
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="md5", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (block := self._blocks.get()) is not None:
-            self._h.update(block)
+            if self._error is None:
+                try:
+                    self._h.update(block)
+                except BaseException as e:  # kept for hexdigest; the queue is still drained
+                    self._error = e
 
     def update(self, block: bytes | memoryview) -> None:
         self._blocks.put(block)
@@ -849,6 +854,8 @@ class _HashingThread:
     def hexdigest(self) -> str:
         self.close()
         self._thread.join()
+        if self._error is not None:
+            raise self._error
         return self._h.hexdigest()
 
 

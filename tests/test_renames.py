@@ -49,17 +49,43 @@ def test_rename_script_refuses_what_it_cannot_quote() -> None:
 
 
 def test_parse_rename_output() -> None:
-    pairs = [(f"p{i}" + "x" * 3000, f"n{i}" + "y" * 3000) for i in range(30)]  # several chunks
-    firsts = [first for first, _ in remote_shell._rename_chunks(pairs)]
-    assert len(firsts) > 2 and firsts[0] == 0
-    ends = b"".join(b"leftssh-mv end %d\n" % f for f in firsts[1:])  # the first chunk died
-    out = b"noise\nleftssh-mv 3 17\nleftssh-mv end x\n" + ends + b"leftssh-mv %d nf\n" % firsts[1]
-    out += b"leftssh-mv 99 2\nleftssh-mv 5\n"  # a number out of range, a broken line
+    pairs = [(f"p{i}", f"n{i}") for i in range(8)]
+    out = b"noise\nleftssh-mv 0 ok\nleftssh-mv 1 EEXIST\nleftssh-mv 2 nf\nleftssh-mv 3 13\n"
+    out += b"leftssh-mv 4 ok\n"
+    out += b"leftssh-mv 99 ok\nleftssh-mv 5\nleftssh-mv 6 ok extra\n"  # out of range, broken
+    out += b"leftssh-mv " + b"9" * 5000 + b" ok\nleftssh-mv 7 E" + b"X" * 500 + b"\n"  # absurd
     failed = remote_shell.parse_rename_output(out, pairs)
-    assert failed == {**{n: "?" for n in range(firsts[1]) if n != 3}, 3: "17", firsts[1]: "nf"}
-    assert remote_shell.parse_rename_output(b"", pairs) == dict.fromkeys(range(30), "?")
+    assert failed == {1: "EEXIST", 2: "nf", 3: "13", 5: "?", 6: "?", 7: "?"}
+    assert remote_shell.parse_rename_output(b"", pairs) == dict.fromkeys(range(8), "?")
     assert remote_shell.parse_perl_probe(b"motd\nleftssh-perl\n")
     assert not remote_shell.parse_perl_probe(b"sh: perl: not found\n")
+    assert sftp._why("EEXIST") == os.strerror(errno.EEXIST)
+    assert sftp._why("EBOGUS") == "error EBOGUS" and sftp._why("13") == "error 13"
+    assert "gone" in sftp._why("nf")
+
+
+@needs_perl
+def test_rename_takes_the_name_back_when_the_partial_cannot_be_removed(tmp_path: Path) -> None:
+    """As OpenSSH does: a new name whose partial stays is no new name (the partial,
+    still linked to it, could later be written to in place)."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "FailUnlink.pm").write_text(
+        "package FailUnlink; use Errno;\n"
+        "BEGIN { *CORE::GLOBAL::unlink = sub { if ($_[0] =~ /^[.]stuck[.]leftpart$/) { $! = Errno::EACCES(); "
+        "return 0 } CORE::unlink(@_) } }\n1;\n"
+    )
+    root = tmp_path / "share"
+    root.mkdir()
+    for name in (".stuck.leftpart", ".fine.leftpart"):
+        (root / name).write_bytes(name.encode())
+    pairs = [(".stuck.leftpart", "stuck"), (".fine.leftpart", "fine")]
+    env = dict(os.environ, PERL5LIB=str(tmp_path / "lib"), PERL5OPT="-MFailUnlink")
+    script = remote_shell.rename_script(str(root), pairs)
+    result = _run(["sh", "-c"], script.decode(), cwd=tmp_path, env=env)
+    assert remote_shell.parse_rename_output(result.stdout, pairs) == {0: "EACCES"}, result
+    assert not (root / "stuck").exists()
+    assert (root / ".stuck.leftpart").stat().st_nlink == 1
+    assert (root / "fine").read_bytes() == b".fine.leftpart"
 
 
 @needs_perl
@@ -80,7 +106,7 @@ def test_rename_under_each_shell(shell: list[str], tmp_path: Path) -> None:
     assert len(remote_shell._rename_chunks(pairs)) > 1
     result = _run(shell, script.decode("utf-8", "surrogateescape"), cwd=tmp_path)
     failed = remote_shell.parse_rename_output(result.stdout, pairs)
-    assert failed == {taken: str(errno.EEXIST), gone: "nf", swapped: "nf"}, result
+    assert failed == {taken: "EEXIST", gone: "nf", swapped: "nf"}, result
     for i, (partial, name) in enumerate(pairs):
         if i in failed:
             continue
@@ -89,7 +115,7 @@ def test_rename_under_each_shell(shell: list[str], tmp_path: Path) -> None:
         assert (root / name).stat().st_nlink == 1
     assert (root / pairs[taken][1]).read_bytes() == b"appeared since the scan"
     assert (root / pairs[taken][0]).exists()  # kept: the caller decides
-    assert not (root / pairs[swapped][1]).exists()  # a symlink is never given the name
+    assert not (root / pairs[swapped][1]).exists()  # the script never names a symlink
     assert (outside / "keep").read_bytes() == b"outside"
     assert not list(tmp_path.rglob("pwned"))
 
@@ -106,6 +132,8 @@ def test_rename_new_both_ways(remote, perl: bool) -> None:
     failed = t.rename_new(pairs)
     assert set(failed) == {pairs[7][0]}
     assert t._perl is perl
+    # perl's own answer (its errno), not SFTP's, when perl did the renames
+    assert ("File exists" in str(failed[pairs[7][0]])) is perl, failed
     assert (root / pairs[7][1]).read_bytes() == b"appeared since the scan"
     assert (root / pairs[7][0]).exists()
     for i, (partial, name) in enumerate(pairs):
@@ -114,11 +142,22 @@ def test_rename_new_both_ways(remote, perl: bool) -> None:
             assert (root / name).read_bytes() == os.fsencode(name.rpartition("/")[2])
 
 
-def test_rename_new_falls_back_to_sftp_when_the_shell_cannot_rename(remote, monkeypatch) -> None:
-    """A perl that dies (or a file system without hard links) leaves its pairs to SFTP."""
+@pytest.mark.parametrize(
+    "code",
+    [
+        "exit 0",  # a perl that died before a line: nothing is known of any pair
+        "my $b = shift; for (my $i = 0; $i < @ARGV; $i += 2) { my $k = $b + $i / 2;"
+        " print qq(leftssh-mv $k EPERM\\n) }",  # no hard links on this file system
+    ],
+    ids=["no-lines", "no-hard-links"],
+)
+def test_rename_new_falls_back_to_sftp_when_the_shell_cannot_rename(
+    remote, monkeypatch, code: str
+) -> None:
+    """Pairs that perl did not do, or could not for want of hard links, go to SFTP."""
     t, root = remote
     t._perl = True
-    monkeypatch.setattr(remote_shell, "_RENAME_PERL", "exit 0")  # never reaches its end line
+    monkeypatch.setattr(remote_shell, "_RENAME_PERL", code)
     pairs = _pairs_on_disk(root, 100, SCANNED)
     assert t.rename_new(pairs) == {}
     for partial, name in pairs:
@@ -150,6 +189,15 @@ def test_push_keeps_a_name_that_appears_before_the_rename(
         return got
 
     monkeypatch.setattr(SFTPTransport, "rename_new", late_writer)
+    real_shell = SFTPTransport._rename_in_shell
+    left_to_sftp = []
+
+    def counted(self: SFTPTransport, pairs, failed):  # type: ignore[no-untyped-def]
+        left = real_shell(self, pairs, failed)
+        left_to_sftp.append(len(left))
+        return left
+
+    monkeypatch.setattr(SFTPTransport, "_rename_in_shell", counted)
     result = CliRunner().invoke(
         cli.main_group,
         ["push", sshd.target(str(remote_dir)), "-d", str(local), "--json", *sshd.cli_args()],
@@ -169,3 +217,4 @@ def test_push_keeps_a_name_that_appears_before_the_rename(
     assert result.exit_code == 1
     with_perl = count >= sftp.SHELL_RENAMES and shutil.which("perl") is not None
     assert used == [True if with_perl else None]
+    assert left_to_sftp == ([0] if with_perl else [])  # perl gave every name it could

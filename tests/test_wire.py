@@ -4,6 +4,7 @@ of a READ on as a view."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
@@ -26,6 +27,7 @@ def test_socket_reads_ahead_and_hands_out_at_most_what_is_asked() -> None:
         data = os.urandom(3 << 20)
         sender = threading.Thread(target=peer.sendall, args=(data,))
         sender.start()
+        time.sleep(0.1)  # the kernel holds more than the first read asks for
         got = []
         have = 0
         sizes = [16, 32768 + 16, 1, 300_000, 5]
@@ -33,6 +35,8 @@ def test_socket_reads_ahead_and_hands_out_at_most_what_is_asked() -> None:
             want = sizes[len(got) % len(sizes)]
             piece = sock.recv(want)
             assert 0 < len(piece) <= want and isinstance(piece, bytes)
+            if not got:  # one read from the kernel took more than the 16 bytes asked
+                assert len(sock._ahead) > 0
             got.append(piece)
             have += len(piece)
         sender.join()
@@ -51,7 +55,8 @@ def test_chunk_pipe_hands_out_what_was_fed_in_order() -> None:
     for piece in (b"abc", b"", b"defgh", b"ij"):
         pipe.feed(piece)
     assert len(pipe) == 10 and pipe.read_ready()
-    assert pipe.read(2) == b"ab"  # part of a piece
+    part = pipe.read(2)
+    assert part == b"ab" and isinstance(part, memoryview)  # part of a piece, not a copy
     assert pipe.read(100) == b"cdefghij"  # the rest, joined
     pipe.feed(b"klm")
     pipe.feed(b"nop")
@@ -103,3 +108,22 @@ def test_large_reads_and_writes_through_the_sftp_client(remote) -> None:
         assert got == data[offset : None if listed is None else listed + 1]
     st = t.client().stat(t.full("big.leftpart"))  # an ordinary request and answer
     assert st.st_size == len(data)
+
+
+def test_hashing_thread_hashes_what_it_is_given_and_never_blocks_after_a_failure() -> None:
+    from leftssh.execute import _HashingThread
+
+    blocks = [os.urandom(n) for n in (0, 1, 2047, 2048, 1 << 20)] * 5
+    h = _HashingThread(hashlib.md5())
+    for block in blocks:
+        h.update(memoryview(block))
+    h.close()
+    h.close()  # closing twice is harmless
+    assert h.hexdigest() == hashlib.md5(b"".join(blocks)).hexdigest()
+
+    bad = _HashingThread(hashlib.md5())
+    bad.update("not bytes")  # type: ignore[arg-type]
+    for _ in range(3 * _HashingThread.AHEAD):  # more than the queue holds: still drained
+        bad.update(b"x" * 4096)
+    with pytest.raises(TypeError):
+        bad.hexdigest()

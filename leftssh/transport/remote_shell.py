@@ -633,15 +633,19 @@ _RENAME_CHUNK = 32 << 10  # argument bytes per perl: far below any ARG_MAX
 
 # Each pair: the partial must still be a regular file (lstat, not followed); link(2)
 # gives it the new name only if that name is free (as OpenSSH's SFTP rename does),
-# then the partial's name is removed. One line per pair that failed (its number and
-# errno, or "nf" for a partial that is gone or no longer a regular file), and a
-# last line saying the chunk ran to its end.
+# then the partial's name is removed (if that fails, the new name is taken back, as
+# OpenSSH does). One line per pair: its number and "ok", or the errno's symbolic
+# name (from perl's %!), or "nf" for a partial that is gone or no longer a regular
+# file.
 _RENAME_PERL = (
-    "my $b = shift; for (my $i = 0; $i < @ARGV; $i += 2) { my ($o, $n) = @ARGV[$i, $i + 1];"
-    " my $k = $b + $i / 2; if (!(lstat $o) || !-f _) { print qq(leftssh-mv $k nf\\n) }"
-    " elsif (link $o, $n) { unlink $o } else { print qq(leftssh-mv $k ), $! + 0, qq(\\n) } }"
-    " print qq(leftssh-mv end $b\\n)"
+    "my $b = shift; sub e { my $c = $! + 0; local $! = $c;"
+    " my ($x) = grep { $!{$_} } keys %!; $x // $c }"
+    " for (my $i = 0; $i < @ARGV; $i += 2) { my ($o, $n) = @ARGV[$i, $i + 1];"
+    " my $k = $b + $i / 2; my $r = q(ok);"
+    " if (!(lstat $o) || !-f _) { $r = q(nf) } elsif (!link $o, $n) { $r = e() }"
+    " elsif (!unlink $o) { $r = e(); unlink $n } print qq(leftssh-mv $k $r\n) }"
 )
+_RENAME_LINE = re.compile(rb"leftssh-mv ([0-9]{1,9}) (ok|nf|E[A-Z0-9]{1,20}|[0-9]{1,5})")
 
 
 def parse_perl_probe(stdout: bytes) -> bool:
@@ -688,26 +692,13 @@ def rename_script(root: str, pairs: Sequence[tuple[str, str]]) -> bytes:
 
 def parse_rename_output(stdout: bytes, pairs: Sequence[tuple[str, str]]) -> dict[int, str]:
     """The pairs of :func:`rename_script` that did not get their new name, by number,
-    each with why (an errno, or "nf": the partial was gone or not a regular file).
-
-    A chunk whose last line is missing (perl absent or killed) proves nothing: each
-    of its pairs counts as failed, with why "?".
+    each with why: an errno's symbolic name (or number), "nf" (the partial was gone
+    or not a regular file), or "?" for a pair with no line at all (perl absent or
+    killed before it got there): that one may or may not have its name.
     """
-    failed: dict[int, str] = {}
-    ends: set[int] = set()
+    done: dict[int, str] = {}
     for line in _lines(stdout):
-        if not line.startswith(_RENAMED):
-            continue
-        words = line[len(_RENAMED) :].split(b" ")
-        if len(words) != 2:
-            continue
-        if words[0] == b"end" and words[1].isdigit():
-            ends.add(int(words[1]))
-        elif words[0].isdigit() and int(words[0]) < len(pairs):
-            failed[int(words[0])] = words[1].decode("ascii", "replace")
-    firsts = [first for first, _ in _rename_chunks(pairs)]
-    for first, end in zip(firsts, [*firsts[1:], len(pairs)], strict=True):
-        if first not in ends:
-            for number in range(first, end):
-                failed.setdefault(number, "?")
-    return failed
+        m = _RENAME_LINE.fullmatch(line)
+        if m is not None and int(m[1]) < len(pairs):
+            done[int(m[1])] = m[2].decode("ascii")
+    return {n: why for n in range(len(pairs)) if (why := done.get(n, "?")) != "ok"}

@@ -97,13 +97,7 @@ ARCHIVE_BYTES = 1 << 20  # file bytes per archive of small files
 ARCHIVE_FILES = 1000  # files per archive
 SHELL_RENAMES = 64  # new names given at once by the peer's perl, when it has one
 # link(2) errors of a file system without hard links, and a chunk that did not finish
-_LINK_UNSUPPORTED = {
-    str(errno.EPERM),
-    str(errno.EOPNOTSUPP),
-    str(errno.ENOSYS),
-    str(errno.EXDEV),
-    "?",
-}
+_LINK_UNSUPPORTED = {"EPERM", "EOPNOTSUPP", "ENOTSUP", "ENOSYS", "EXDEV", "?"}
 
 
 class _Chunks:
@@ -305,23 +299,26 @@ _PAD_LIMIT = 1 << 20  # paramiko pads a short string with zeros only below this
 
 
 class _Answer(paramiko.Message):
-    """An SFTP answer whose large strings (the data of a READ) are views of it, not copies."""
-
-    _VIEW = 64 << 10
+    """An SFTP answer that can hand out its data (of a READ) as a view, not a copy."""
 
     def __init__(self, content: bytes) -> None:
         super().__init__(content)
         self._content = content
 
-    def get_bytes(self, n: int) -> bytes | memoryview:  # type: ignore[override]
-        if n < self._VIEW:
-            return super().get_bytes(n)
+    def get_data(self) -> bytes | memoryview:
+        """The next string, as ``get_binary`` reads it, but as a view of the answer."""
+        n = self.get_int()
         at = self.packet.tell()
         got = memoryview(self._content)[at : at + n]
         self.packet.seek(at + len(got))
-        if len(got) < n < _PAD_LIMIT:  # short: zero-padded, as paramiko's own
+        if len(got) < n < _PAD_LIMIT:  # short: zero-padded, as paramiko's get_bytes
             return bytes(got) + bytes(n - len(got))
         return got
+
+
+def _data(msg: paramiko.Message) -> bytes | memoryview:
+    """The data string of a DATA answer (a view when the answer is an :class:`_Answer`)."""
+    return msg.get_data() if isinstance(msg, _Answer) else msg.get_binary()
 
 
 def _open_sftp(t: paramiko.Transport) -> paramiko.SFTPClient | None:
@@ -338,9 +335,10 @@ def _why(code: str) -> str:
     """Words for what :func:`remote_shell.parse_rename_output` says of a failed pair."""
     if code == "nf":
         return "the partial file is gone or no longer a regular file"
-    if code.isdigit():
-        return os.strerror(int(code))
-    return "not done"
+    number = getattr(errno, code, None) if code.startswith("E") else None
+    if isinstance(number, int):
+        return os.strerror(number)
+    return f"error {code}"
 
 
 def _connection_lost(e: BaseException) -> bool:
@@ -1251,7 +1249,7 @@ def _read_pipelined(
             return
         if t != CMD_DATA:
             raise paramiko.SFTPError("expected data")
-        data = msg.get_binary()[:n]
+        data = _data(msg)[:n]
         if len(data) < n:
             parts, have = [data], len(data)
             while have < n:
@@ -1261,7 +1259,7 @@ def _read_pipelined(
                     break
                 if t != CMD_DATA:
                     raise paramiko.SFTPError("expected data")
-                more = msg.get_binary()[: n - have]
+                more = _data(msg)[: n - have]
                 if not more:
                     break
                 parts.append(more)
@@ -2281,18 +2279,17 @@ class SFTPTransport:
     ) -> list[tuple[str, str]]:
         """Rename pairs with perl in the session shell (:func:`remote_shell.rename_script`).
 
-        A pair refused for a reason of its own goes into ``failed``; returned are the
-        pairs left for SFTP: all of them if the shell could not run the script, and
-        those whose chunk did not run to its end or whose link(2) the file system
-        does not support (OpenSSH's RENAME then falls back to rename(2)).
+        Each pair's line says what became of it. A pair refused for a reason of its
+        own goes into ``failed``; returned are the pairs left for SFTP: those with
+        no line (all of them if no shell could be started), and those whose link(2)
+        the file system does not support (OpenSSH's RENAME then uses rename(2)).
+        A shell that ended early still tells what it did before.
         """
         try:
-            done, out = self._ask_shell(remote_shell.rename_script(self.root, pairs), "renaming")
+            _, out = self._ask_shell(remote_shell.rename_script(self.root, pairs), "renaming")
         except ConnectError:
             if not self._t.is_active():
                 raise
-            return pairs
-        if not done:
             return pairs
         left: list[tuple[str, str]] = []
         for number, why in remote_shell.parse_rename_output(out, pairs).items():
