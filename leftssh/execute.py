@@ -35,6 +35,7 @@ from leftssh.paths import PARTIAL_SUFFIX, partial_name, version_tag
 from leftssh.transport.base import (
     HashUnavailable,
     ManyDirs,
+    ManyStats,
     PipelinedUploads,
     Transport,
     WholeReads,
@@ -120,6 +121,7 @@ class Executor:
         self._renames_pipelined = isinstance(self.remote, PipelinedUploads)
         self._small_pipeline = self._renames_pipelined and isinstance(self.local, WholeReads)
         self._many_dirs = isinstance(self.remote, ManyDirs)
+        self._many_stats = isinstance(self.remote, ManyStats)
         self._probed = threading.Event()  # the background md5 probe has answered
         self._index_lock = threading.Lock()
         self._partials_by_stem: dict[Side, dict[str, list[str]]] = {}
@@ -721,10 +723,16 @@ class Executor:
         if not live:
             return ok
         if mode == "size":
+            many: dict[str, Entry | None] = {}
+            if self._many_stats:  # the peer's partials in one round trip, not one each
+                remote = self.remote
+                assert isinstance(remote, ManyStats)
+                partials = [copies[a.path].partial for a in live if self._endpoints(a)[1] is remote]
+                many = remote.stat_many(partials) if partials else {}
             for a in live:
                 c = copies[a.path]
                 _, dst, _ = self._endpoints(a)
-                found = dst.stat(c.partial)
+                found = many[c.partial] if c.partial in many else dst.stat(c.partial)
                 if found is not None and a.source and found.size == a.source.size:
                     ok.add(a.path)
             return ok

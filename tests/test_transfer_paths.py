@@ -80,10 +80,18 @@ def test_follower_sees_what_is_on_disk_not_what_was_sent(remote, monkeypatch) ->
     assert out.md5 not in (None, hashlib.md5(data).hexdigest())  # type: ignore[attr-defined]
 
 
-def _push(sshd: Sshd, local: Path, remote_dir: Path, state: Path) -> list[dict]:
+def _push(sshd: Sshd, local: Path, remote_dir: Path, state: Path, *extra: str) -> list[dict]:
     result = CliRunner().invoke(
         cli.main_group,
-        ["push", sshd.target(str(remote_dir)), "-d", str(local), "--json", *sshd.cli_args()],
+        [
+            "push",
+            sshd.target(str(remote_dir)),
+            "-d",
+            str(local),
+            "--json",
+            *extra,
+            *sshd.cli_args(),
+        ],
         env={"LEFTSSH_STATE_DIR": str(state)},
         catch_exceptions=False,
     )
@@ -545,6 +553,53 @@ def test_an_answer_cut_off_by_a_dying_shell_is_not_trusted(remote, monkeypatch) 
     assert t.can_hash()
     assert t.hash_files(names) == {}
     assert t.hash_files(names) == sums
+
+
+def test_stat_many_says_what_stat_says(remote, tmp_path) -> None:
+    t, root = remote
+    (root / "dir").mkdir()
+    for i, mode in enumerate((0o644, 0o600, 0o755, 0o000)):
+        (root / f"f{i} 'x'").write_bytes(b"x" * i * 1000)
+        os.utime(root / f"f{i} 'x'", (1_600_000_000 + i, 1_600_000_000 + i))
+        (root / f"f{i} 'x'").chmod(mode)
+    (root / "link").symlink_to(tmp_path)  # looked at, not followed
+    os.mkfifo(root / "fifo")
+    paths = ["dir", "link", "fifo", "missing", "dir/missing"] + [f"f{i} 'x'" for i in range(4)]
+    paths += [f"dir/none{i}" for i in range(600)]  # more than the requests kept in flight
+    many = t.stat_many(paths)
+    assert many == {p: t.stat(p) for p in paths}
+    assert many["f3 'x'"].size == 3000 and many["f3 'x'"].mode == 0
+    assert many["link"].kind == "other" and many["missing"] is None
+    assert t.stat_many([]) == {}
+
+
+def test_size_verification_asks_the_peer_once_per_batch(
+    sshd: Sshd, tmp_path: Path, monkeypatch
+) -> None:
+    calls: dict[str, int] = {"stat": 0, "stat_many": 0}
+    real_stat, real_many = SFTPTransport.stat, SFTPTransport.stat_many
+
+    def counted_stat(self: SFTPTransport, path: str):  # type: ignore[no-untyped-def]
+        calls["stat"] += path.endswith(".leftpart")
+        return real_stat(self, path)
+
+    def counted_many(self: SFTPTransport, paths: list[str]):  # type: ignore[no-untyped-def]
+        calls["stat_many"] += 1
+        return real_many(self, paths)
+
+    monkeypatch.setattr(SFTPTransport, "stat", counted_stat)
+    monkeypatch.setattr(SFTPTransport, "stat_many", counted_many)
+    local, remote_dir = tmp_path / "share", tmp_path / "peer"
+    (local / "d").mkdir(parents=True)
+    for i in range(50):
+        (local / "d" / f"f{i}.txt").write_text(f"file {i}\n" * i)
+    records = _push(sshd, local, remote_dir, tmp_path / "state", "--verify", "size")
+    done = [r for r in records if r.get("path", "").startswith("d/f")]
+    assert len(done) == 50
+    assert all(r["status"] == "ok" and r["verified"] == "size" for r in done), done
+    assert calls == {"stat": 0, "stat_many": 1}
+    for i in range(50):
+        assert (remote_dir / "d" / f"f{i}.txt").read_text() == f"file {i}\n" * i
 
 
 def test_make_dirs_with_requests_in_flight(remote, tmp_path) -> None:

@@ -131,6 +131,16 @@ class ManyDirs(Protocol):
 
 
 @runtime_checkable
+class ManyStats(Protocol):
+    """What a transport offers to look at many paths with their requests in flight."""
+
+    def stat_many(self, paths: list[str]) -> dict[str, Entry | None]:
+        """What ``stat`` would say of each path; None also for one that could not be
+        looked at (a lost connection raises)."""
+        ...
+
+
+@runtime_checkable
 class WholeReads(Protocol):
     """What a transport offers to read a small file in one call."""
 

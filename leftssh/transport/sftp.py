@@ -331,6 +331,16 @@ def _open_sftp(t: paramiko.Transport) -> paramiko.SFTPClient | None:
     return _SFTPClient(chan)
 
 
+def _entry(path: str, a: paramiko.SFTPAttributes) -> Entry:
+    """The Entry for what an LSTAT answered of ``path``."""
+    mode = a.st_mode or 0
+    if stat.S_ISDIR(mode):
+        return Entry(path, DIR, mtime=int(a.st_mtime or 0))
+    if stat.S_ISREG(mode):
+        return Entry(path, FILE, size=a.st_size or 0, mtime=int(a.st_mtime or 0), mode=mode & 0o777)
+    return Entry(path, "other")
+
+
 def _why(code: str) -> str:
     """Words for what :func:`remote_shell.parse_rename_output` says of a failed pair."""
     if code == "nf":
@@ -1713,14 +1723,32 @@ class SFTPTransport:
             return None
         except Exception as e:
             raise _io_error(e, "stat") from e
-        mode = a.st_mode or 0
-        if stat.S_ISDIR(mode):
-            return Entry(path, DIR, mtime=int(a.st_mtime or 0))
-        if stat.S_ISREG(mode):
-            return Entry(
-                path, FILE, size=a.st_size or 0, mtime=int(a.st_mtime or 0), mode=mode & 0o777
-            )
-        return Entry(path, "other")
+        return _entry(path, a)
+
+    def stat_many(self, paths: list[str]) -> dict[str, Entry | None]:
+        """``stat`` of many paths, their LSTAT requests in flight together."""
+        sftp = self.client()
+        pipe = _Pipeline(sftp)
+        found: dict[str, Entry | None] = {}
+
+        def seen(path: str) -> _Callback:
+            def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+                if error is None and msg is not None and t == CMD_ATTRS:
+                    found[path] = _entry(path, paramiko.SFTPAttributes._from_msg(msg))
+                else:
+                    found[path] = None
+
+            return done
+
+        try:
+            for path in paths:
+                while len(pipe) >= PIPELINE_REQUESTS:
+                    pipe.step()
+                pipe.send(seen(path), CMD_LSTAT, _encode(self.full(path)))
+            pipe.drain()
+        except Exception as e:
+            raise self._error(e, "stat") from e
+        return found
 
     # -- remote commands -----------------------------------------------------
 
