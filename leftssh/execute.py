@@ -21,6 +21,7 @@ from typing import BinaryIO
 
 from leftssh.errors import ChangedError, Interrupted, LeftsshError, TransferError
 from leftssh.model import (
+    FILE,
     Action,
     Entry,
     Kind,
@@ -733,7 +734,13 @@ class Executor:
                 c = copies[a.path]
                 _, dst, _ = self._endpoints(a)
                 found = many[c.partial] if c.partial in many else dst.stat(c.partial)
-                if found is not None and a.source and found.size == a.source.size:
+                # a partial swapped for a directory or a FIFO is no copy, whatever its size
+                if (
+                    found is not None
+                    and found.kind == FILE
+                    and a.source
+                    and found.size == a.source.size
+                ):
                     ok.add(a.path)
             return ok
         by_dst: dict[int, list[Action]] = {}

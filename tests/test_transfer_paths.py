@@ -571,6 +571,45 @@ def test_stat_many_says_what_stat_says(remote, tmp_path) -> None:
     assert many["f3 'x'"].size == 3000 and many["f3 'x'"].mode == 0
     assert many["link"].kind == "other" and many["missing"] is None
     assert t.stat_many([]) == {}
+    # Not a missing path: an error, as stat gives it (a path longer than PATH_MAX).
+    deep = "/".join(["d" * 250] * 20)
+    with pytest.raises(TransferError):
+        t.stat(deep)
+    with pytest.raises(TransferError):
+        t.stat_many(["dir", deep])
+
+
+def test_size_verification_takes_only_a_regular_file(
+    sshd: Sshd, tmp_path: Path, monkeypatch
+) -> None:
+    """An empty file's partial swapped for a FIFO (size 0 too) is no copy of it."""
+    real_many = SFTPTransport.stat_many
+
+    def swapped(self: SFTPTransport, paths: list[str]):  # type: ignore[no-untyped-def]
+        for p in paths:
+            if "empty" in p:
+                (remote_dir / p).unlink()
+                os.mkfifo(remote_dir / p)
+        return real_many(self, paths)
+
+    monkeypatch.setattr(SFTPTransport, "stat_many", swapped)
+    local, remote_dir = tmp_path / "share", tmp_path / "peer"
+    local.mkdir()
+    (local / "empty").write_bytes(b"")
+    (local / "full").write_bytes(b"full\n")
+    result = CliRunner().invoke(
+        cli.main_group,
+        ["push", sshd.target(str(remote_dir)), "-d", str(local), "--json", "--verify", "size",
+         *sshd.cli_args()],
+        env={"LEFTSSH_STATE_DIR": str(tmp_path / "state")},
+        catch_exceptions=False,
+    )  # fmt: skip
+    records = {r["path"]: r for r in map(json.loads, result.output.splitlines()) if "path" in r}
+    assert records["empty"]["status"] == "failed", records
+    assert "verification failed twice" in records["empty"]["error"]
+    assert records["full"]["status"] == "ok" and (remote_dir / "full").read_bytes() == b"full\n"
+    assert not (remote_dir / "empty").exists()
+    assert result.exit_code == 1
 
 
 def test_size_verification_asks_the_peer_once_per_batch(

@@ -135,8 +135,8 @@ class ManyStats(Protocol):
     """What a transport offers to look at many paths with their requests in flight."""
 
     def stat_many(self, paths: list[str]) -> dict[str, Entry | None]:
-        """What ``stat`` would say of each path; None also for one that could not be
-        looked at (a lost connection raises)."""
+        """What ``stat`` would say of each path (None: missing); raises what ``stat``
+        would raise for the first path that could not be looked at."""
         ...
 
 

@@ -1730,13 +1730,16 @@ class SFTPTransport:
         sftp = self.client()
         pipe = _Pipeline(sftp)
         found: dict[str, Entry | None] = {}
+        problems: list[BaseException] = []
 
         def seen(path: str) -> _Callback:
             def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
                 if error is None and msg is not None and t == CMD_ATTRS:
                     found[path] = _entry(path, paramiko.SFTPAttributes._from_msg(msg))
-                else:
+                elif isinstance(error, FileNotFoundError):
                     found[path] = None
+                else:
+                    problems.append(error or paramiko.SFTPError("expected attributes"))
 
             return done
 
@@ -1748,6 +1751,8 @@ class SFTPTransport:
             pipe.drain()
         except Exception as e:
             raise self._error(e, "stat") from e
+        if problems:  # as stat: only a missing path is an answer
+            raise _io_error(problems[0], "stat") from problems[0]
         return found
 
     # -- remote commands -----------------------------------------------------
