@@ -184,3 +184,17 @@ def write_file(
     if mtime is not None:
         os.utime(path, (mtime, mtime))
     return path
+
+
+def record_calls(monkeypatch: Any, owner: object, name: str) -> list[tuple[Any, ...]]:
+    """Wrap ``owner.name`` (a method) so that each call's arguments, after ``self``,
+    are recorded in the list returned, and the real method then runs."""
+    real = getattr(owner, name)
+    calls: list[tuple[Any, ...]] = []
+
+    def recorded(self: object, *args: Any) -> Any:
+        calls.append(args)
+        return real(self, *args)
+
+    monkeypatch.setattr(owner, name, recorded)
+    return calls

@@ -19,6 +19,7 @@ from leftssh import cli, execute
 from leftssh.transport import remote_shell, tar
 from leftssh.transport.remote_shell import HashTool, Unpack
 from leftssh.transport.sftp import SFTPTransport
+from tests.helpers import record_calls
 from tests.test_remote_shell import HOSTILE_NAMES, SHELLS, needs_md5sum
 
 
@@ -334,14 +335,7 @@ def test_bwlimit_counts_what_small_files_take_on_the_wire(
     peer.mkdir()
     if not archives:
         monkeypatch.setattr(SFTPTransport, "_tar_usable", lambda self: False)
-    charged: list[int] = []
-    real = execute.RateLimiter.consume
-
-    def consume(self: execute.RateLimiter, n: int) -> None:
-        charged.append(n)
-        real(self, n)
-
-    monkeypatch.setattr(execute.RateLimiter, "consume", consume)
+    consumed = record_calls(monkeypatch, execute.RateLimiter, "consume")
     args = ["push", sshd.target(str(peer)), "-d", str(local), "-q", "--bwlimit", "10M"]
     result = CliRunner().invoke(
         cli.main_group,
@@ -350,6 +344,7 @@ def test_bwlimit_counts_what_small_files_take_on_the_wire(
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
+    charged = [n for (n,) in consumed]
     assert len(charged) == len(sizes)
     if archives:  # a 512-byte header, and the data padded to whole blocks
         assert sorted(charged) == sorted(512 + s + (-s % 512) for s in sizes)

@@ -23,6 +23,7 @@ from leftssh.transport import sftp
 from leftssh.transport.local import LocalTransport
 from leftssh.transport.remote_shell import FOLLOW_BLOCK
 from leftssh.transport.sftp import SFTPTransport
+from tests.helpers import record_calls
 from tests.sshd import Sshd
 
 pytestmark = pytest.mark.usefixtures("sshd")
@@ -41,18 +42,12 @@ def test_follower_hashes_the_partial_while_it_is_written(remote, monkeypatch) ->
     t, root = remote
     monkeypatch.setattr(sftp, "FOLLOW_STEP", FOLLOW_BLOCK)
     monkeypatch.setattr(sftp, "WRITE_AHEAD", FOLLOW_BLOCK)  # acknowledgements come early
-    asked: list[int] = []
-    real_ask = sftp._Follower._ask
-
-    def spy(self: sftp._Follower, upto: int) -> None:
-        asked.append(upto)
-        real_ask(self, upto)
-
-    monkeypatch.setattr(sftp._Follower, "_ask", spy)
+    asks = record_calls(monkeypatch, sftp._Follower, "_ask")
     data = os.urandom(5 * FOLLOW_BLOCK + 4321)
     assert _write_all(t, ".big.leftpart", data) == hashlib.md5(data).hexdigest()
     assert (root / ".big.leftpart").read_bytes() == data
     # Ranges were asked for while the file was still being written, not only at the end.
+    asked = [upto for (upto,) in asks]
     assert len(asked) >= 2 and asked[-1] == 6, asked
 
 
@@ -615,19 +610,8 @@ def test_size_verification_takes_only_a_regular_file(
 def test_size_verification_asks_the_peer_once_per_batch(
     sshd: Sshd, tmp_path: Path, monkeypatch
 ) -> None:
-    calls: dict[str, int] = {"stat": 0, "stat_many": 0}
-    real_stat, real_many = SFTPTransport.stat, SFTPTransport.stat_many
-
-    def counted_stat(self: SFTPTransport, path: str):  # type: ignore[no-untyped-def]
-        calls["stat"] += path.endswith(".leftpart")
-        return real_stat(self, path)
-
-    def counted_many(self: SFTPTransport, paths: list[str]):  # type: ignore[no-untyped-def]
-        calls["stat_many"] += 1
-        return real_many(self, paths)
-
-    monkeypatch.setattr(SFTPTransport, "stat", counted_stat)
-    monkeypatch.setattr(SFTPTransport, "stat_many", counted_many)
+    stats = record_calls(monkeypatch, SFTPTransport, "stat")
+    stat_manys = record_calls(monkeypatch, SFTPTransport, "stat_many")
     local, remote_dir = tmp_path / "share", tmp_path / "peer"
     (local / "d").mkdir(parents=True)
     for i in range(50):
@@ -636,6 +620,10 @@ def test_size_verification_asks_the_peer_once_per_batch(
     done = [r for r in records if r.get("path", "").startswith("d/f")]
     assert len(done) == 50
     assert all(r["status"] == "ok" and r["verified"] == "size" for r in done), done
+    calls = {
+        "stat": sum(path.endswith(".leftpart") for (path,) in stats),
+        "stat_many": len(stat_manys),
+    }
     assert calls == {"stat": 0, "stat_many": 1}
     for i in range(50):
         assert (remote_dir / "d" / f"f{i}.txt").read_text() == f"file {i}\n" * i

@@ -460,21 +460,31 @@ def _hashing(tool: HashTool, paths: Sequence[str]) -> bytes:
     return _for_each(HashTool(tool).value.encode(), paths)
 
 
+def _in_chunks(groups: Sequence[Sequence[bytes]], limit: int) -> list[tuple[int, list[bytes]]]:
+    """Cut groups of quoted words (a group is never split) into chunks of at most
+    ``limit`` argument bytes (a single larger group gets a chunk of its own): for
+    each chunk, the number of its first group and its words."""
+    chunks: list[tuple[int, list[bytes]]] = []
+    words: list[bytes] = []
+    size = 0
+    for number, group in enumerate(groups):
+        length = sum(len(w) + 1 for w in group)
+        if not words or size + length > limit:
+            words, size = [], 0
+            chunks.append((number, words))
+        words += group
+        size += length
+    return chunks
+
+
 def _for_each(command: bytes, paths: Sequence[str]) -> bytes:
     """``{ printf '%s\\0' './a' ...; } | xargs -0 COMMAND --``: run it on relative ``paths``.
 
     The names are printed in pieces of at most ``_PRINTF_CHUNK`` argument bytes by
     the ``printf`` builtin; xargs runs the command as often as its limit needs."""
-    parts: list[bytes] = []
-    size = 0
-    for p in paths:
-        word = _quote_bytes(b"./" + _encode(_check_relpath(p)))
-        if size and size + len(word) > _PRINTF_CHUNK:
-            parts.append(b"; printf '%s\\0'")
-            size = 0
-        parts.append(b" " + word)
-        size += len(word) + 1
-    return b"{ printf '%s\\0'" + b"".join(parts) + b"; } | xargs -0 " + command + b" --"
+    words = [[_quote_bytes(b"./" + _encode(_check_relpath(p)))] for p in paths]
+    printfs = [b"printf '%s\\0' " + b" ".join(w) for _, w in _in_chunks(words, _PRINTF_CHUNK)]
+    return b"{ " + b"; ".join(printfs) + b"; } | xargs -0 " + command + b" --"
 
 
 def session_request(script: str | bytes, marker: str) -> tuple[bytes, bytes]:
@@ -655,18 +665,8 @@ def parse_perl_probe(stdout: bytes) -> bool:
 
 def _rename_chunks(pairs: Sequence[tuple[str, str]]) -> list[tuple[int, list[bytes]]]:
     """Cut the pairs into chunks of quoted names: (number of its first pair, words)."""
-    chunks: list[tuple[int, list[bytes]]] = []
-    words: list[bytes] = []
-    size = 0
-    for number, pair in enumerate(pairs):
-        quoted = [_quote_bytes(_encode(_check_relpath(p))) for p in pair]
-        length = len(quoted[0]) + len(quoted[1]) + 2
-        if not words or size + length > _RENAME_CHUNK:
-            words, size = [], 0
-            chunks.append((number, words))
-        words += quoted
-        size += length
-    return chunks
+    quoted = [[_quote_bytes(_encode(_check_relpath(p))) for p in pair] for pair in pairs]
+    return _in_chunks(quoted, _RENAME_CHUNK)
 
 
 def rename_script(root: str, pairs: Sequence[tuple[str, str]]) -> bytes:

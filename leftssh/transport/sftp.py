@@ -19,7 +19,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import BinaryIO
@@ -150,18 +150,6 @@ class _Chunks:
         self._size -= have
         return got[0] if len(got) == 1 else b"".join(got)
 
-    def __getitem__(self, part: slice) -> _Chunks:  # the pipe's ``empty``: all of it
-        assert part == slice(None)
-        return self
-
-    def tobytes(self) -> bytes:
-        return b"".join(self._pieces)
-
-    def __delitem__(self, part: slice) -> None:
-        assert part == slice(None)
-        self._pieces.clear()
-        self._size = 0
-
 
 class _ChunkPipe(BufferedPipe):
     """paramiko's channel input buffer, without copying the bytes it holds on each read.
@@ -193,6 +181,13 @@ class _ChunkPipe(BufferedPipe):
                 self._event.clear()
             return out
 
+    def empty(self) -> bytes:
+        with self._cv:
+            out = bytes(self._buffer.take())  # type: ignore[attr-defined]
+            if self._event is not None and not self._closed:
+                self._event.clear()
+            return out
+
 
 class _SFTPClient(paramiko.SFTPClient):
     """paramiko's SFTP client, copying the bytes of large requests and answers less.
@@ -207,26 +202,11 @@ class _SFTPClient(paramiko.SFTPClient):
     """
 
     def _async_request(self, fileobj: object, t: int, *args: object) -> int:
-        parts: list[bytes | memoryview] = []
-        for item in args:
-            if isinstance(item, int64):
-                parts.append(_U64.pack(item))
-            elif isinstance(item, int):
-                parts.append(_U32.pack(item))
-            elif isinstance(item, paramiko.SFTPAttributes):
-                msg = paramiko.Message()
-                item._pack(msg)
-                parts.append(msg.asbytes())
-            else:
-                data = item.encode("utf-8") if isinstance(item, str) else item
-                assert isinstance(data, bytes | memoryview)
-                parts += (_U32.pack(len(data)), data)
         with self._lock:
             num = self.request_number
             self._expecting[num] = fileobj
             self.request_number += 1
-        size = 5 + sum(map(len, parts))
-        self._write_all(b"".join((_U32.pack(size), bytes((t,)), _U32.pack(num), *parts)))
+        self._write_all(b"".join(_request(t, num, args)))
         return num
 
     def _write_all(self, out: bytes) -> None:
@@ -319,6 +299,29 @@ class _Answer(paramiko.Message):
 def _data(msg: paramiko.Message) -> bytes | memoryview:
     """The data string of a DATA answer (a view when the answer is an :class:`_Answer`)."""
     return msg.get_data() if isinstance(msg, _Answer) else msg.get_binary()
+
+
+def _request(t: int, num: int, args: Sequence[object]) -> list[bytes | memoryview]:
+    """The pieces of one SFTP request: length, type, id, then each argument (a
+    preformatted ``_Raw``, an ``int64``, an int, attributes, or a string)."""
+    parts: list[bytes | memoryview] = [b"", bytes((t,)), _U32.pack(num)]
+    for arg in args:
+        if isinstance(arg, _Raw):
+            parts.append(arg)
+        elif isinstance(arg, int64):
+            parts.append(_U64.pack(arg))
+        elif isinstance(arg, int):
+            parts.append(_U32.pack(arg))
+        elif isinstance(arg, paramiko.SFTPAttributes):
+            msg = paramiko.Message()
+            arg._pack(msg)
+            parts.append(msg.asbytes())
+        else:
+            data = _encode(arg) if isinstance(arg, str) else arg
+            assert isinstance(data, bytes | memoryview)
+            parts += (_U32.pack(len(data)), data)
+    parts[0] = _U32.pack(sum(map(len, parts)))
+    return parts
 
 
 def _open_sftp(t: paramiko.Transport) -> paramiko.SFTPClient | None:
@@ -855,26 +858,18 @@ class _Pipeline:
         with sftp._lock:
             num = sftp.request_number
             sftp.request_number += 1
-        parts = [b"", bytes((t,)), _U32.pack(num)]
-        for arg in args:
-            if isinstance(arg, _Raw):
-                parts.append(arg)
-            elif isinstance(arg, int64):
-                parts.append(_U64.pack(arg))
-            elif isinstance(arg, int):
-                parts.append(_U32.pack(arg))
-            else:
-                data = arg.encode("utf-8") if isinstance(arg, str) else arg
-                parts.append(_U32.pack(len(data)))
-                parts.append(data)
-        size = sum(map(len, parts))
-        parts[0] = _U32.pack(size)
+        parts = _request(t, num, args)
         self._out.extend(parts)
-        self._queued += size + 4
+        self._queued += sum(map(len, parts))
         self._pending.append((num, callback))
         self._outstanding.add(num)
         if self._queued >= self._COALESCE:
             self.flush()
+
+    def make_room(self) -> None:
+        """Wait (handling answers) until fewer than ``PIPELINE_REQUESTS`` are in flight."""
+        while len(self._pending) >= PIPELINE_REQUESTS:
+            self.step()
 
     def flush(self) -> None:
         if self._out:
@@ -1745,9 +1740,8 @@ class SFTPTransport:
 
         try:
             for path in paths:
-                while len(pipe) >= PIPELINE_REQUESTS:
-                    pipe.step()
-                pipe.send(seen(path), CMD_LSTAT, _encode(self.full(path)))
+                pipe.make_room()
+                pipe.send(seen(path), CMD_LSTAT, self.full(path))
             pipe.drain()
         except Exception as e:
             raise self._error(e, "stat") from e
@@ -2299,8 +2293,7 @@ class SFTPTransport:
 
         try:
             for partial, path in pairs:
-                while len(pipe) >= PIPELINE_REQUESTS:
-                    pipe.step()
+                pipe.make_room()
                 pipe.send(renamed(partial), CMD_RENAME, self.full(partial), self.full(path))
             pipe.drain()
         except Exception as e:
@@ -2394,8 +2387,7 @@ class SFTPTransport:
         try:
             for level in sorted(levels):
                 for path in levels[level]:
-                    while len(pipe) >= PIPELINE_REQUESTS:
-                        pipe.step()
+                    pipe.make_room()
                     parent = path.rpartition("/")[0]
                     if parent:
                         pipe.send(checked(path, parent), CMD_REALPATH, self.full(parent))
