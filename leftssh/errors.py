@@ -68,3 +68,7 @@ class TransferError(Exception):
 
 class ChangedError(TransferError):
     """The target changed since the scan, so it was not overwritten or deleted."""
+
+
+class RenameRefused(TransferError):
+    """The peer said why a partial did not get its new name: asking again would not help."""

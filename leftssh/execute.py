@@ -19,7 +19,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from leftssh.errors import ChangedError, Interrupted, LeftsshError, TransferError
+from leftssh.errors import (
+    ChangedError,
+    Interrupted,
+    LeftsshError,
+    RenameRefused,
+    TransferError,
+)
 from leftssh.model import (
     FILE,
     Action,
@@ -788,13 +794,23 @@ class Executor:
             ]
             if len(new) > 1:
                 failed = self.remote.rename_new([(copies[a.path].partial, a.path) for a in new])
-                placed = {a.path for a in new if copies[a.path].partial not in failed}
+                done = set()
                 for a in new:
-                    if a.path in placed:
-                        self._committed(copies[a.path], mode, sink)
-                # A failed one may have met a name that appeared since the scan:
-                # commit() tells that apart and reports it.
-                rest = [a for a in actions if a.path not in placed]
+                    c = copies[a.path]
+                    error = failed.get(c.partial)
+                    if error is None:
+                        self._committed(c, mode, sink)
+                    elif isinstance(error, ChangedError):
+                        _quiet(self.remote.remove_partial, c.partial)
+                        c.error = f"skipped: {error}"
+                    elif isinstance(error, RenameRefused):
+                        c.error = _message(error)
+                    else:
+                        # It may have met a name that appeared since the scan:
+                        # commit() tells that apart and reports it.
+                        continue
+                    done.add(a.path)
+                rest = [a for a in actions if a.path not in done]
         self._map(lambda a: self._finish(copies[a.path], mode, sink), rest)
 
     def _finish(self, c: _Copy, mode: str, sink: list[Outcome] | None) -> None:

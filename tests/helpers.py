@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -13,6 +14,12 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Whether this machine's perl can load Digest::MD5 (what the follower's perl needs).
+PERL_MD5 = (
+    shutil.which("perl") is not None
+    and subprocess.run(["perl", "-MDigest::MD5", "-e", "1"], capture_output=True).returncode == 0
+)
 
 # One entry of tree(): ("dir",) or ("file", md5hex, size, int(mtime), mode & 0o777).
 TreeEntry = tuple

@@ -455,7 +455,8 @@ def test_exit_1_a_file_that_vanishes_mid_transfer_fails_alone(sshd, work):
         *sshd.cli_args(),
     )
     try:
-        wait_for(lambda: partial_size(remote) > 0, 20, "the transfer", run)
+        # big.bin's partial, not small.txt's: the source must vanish once it is open
+        wait_for(lambda: partial_size(remote) > 1024, 20, "the transfer", run)
         (local / "big.bin").unlink()
         r = run.finish()
     finally:

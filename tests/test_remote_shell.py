@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from leftssh.transport.remote_shell import (
     EMPTY_MD5,
     FOLLOW_BLOCK,
+    FOLLOW_PERL_PROBE,
     PROBE_COMMAND,
     SESSION_COMMAND,
     HashTool,
@@ -32,14 +33,17 @@ from leftssh.transport.remote_shell import (
     follow_hash_request,
     hash_script,
     parse_hash_output,
+    parse_perl_probe,
     parse_prefix_hash,
     parse_probe,
     prefix_hash_command,
     session_request,
 )
+from tests.helpers import PERL_MD5
 
 MD5SUM = shutil.which("md5sum")
 needs_md5sum = pytest.mark.skipif(MD5SUM is None, reason="GNU md5sum not installed")
+needs_perl_md5 = pytest.mark.skipif(not PERL_MD5, reason="perl with Digest::MD5 not installed")
 
 
 def _shells() -> list[pytest.param]:
@@ -635,11 +639,10 @@ def _follow_requests(size: int, steps: Sequence[int]) -> bytes:
     return b"".join(out)
 
 
-@pytest.mark.parametrize("shell", SHELLS)
-@pytest.mark.parametrize("tool_env", TOOL_KINDS, indirect=True)
-def test_follow_hash_hostile(shell: list[str], tool_env: ToolEnv, tmp_path: Path) -> None:
+def _check_follow_hash(
+    shell: list[str], tool: HashTool, env: dict[str, str], tmp_path: Path, perl: bool
+) -> None:
     """The MD5 of the whole file, however the ranges are cut, and never an injection."""
-    tool, env, _ = tool_env
     top, root = _hostile_root(tmp_path)
     name = "if=-rf $(touch pwned) `touch pwned`;\n'\"\\ *"
     for size in (0, 1, FOLLOW_BLOCK, 3 * FOLLOW_BLOCK + 12345):
@@ -649,18 +652,61 @@ def test_follow_hash_hostile(shell: list[str], tool_env: ToolEnv, tmp_path: Path
         cuts = ([], [size // 2], [FOLLOW_BLOCK, 2 * FOLLOW_BLOCK, size])
         for root_arg in (str(root), root.name):
             for steps in cuts:
-                cmd = follow_hash_command(tool, root_arg, name)
+                cmd = follow_hash_command(tool, root_arg, name, perl)
                 result = _run(shell, cmd, cwd=top, env=env, stdin=_follow_requests(size, steps))
                 got = parse_prefix_hash(tool, result.stdout)
                 assert got == hashlib.md5(data).hexdigest(), (size, steps, result.stdout)
         assert _snapshot(top) == before
     for absent in ("missing", "subdir"):
-        cmd = follow_hash_command(tool, str(root), absent)
+        cmd = follow_hash_command(tool, str(root), absent, perl)
         result = _run(shell, cmd, cwd=top, env=env, stdin=follow_hash_request(0, 1))
         assert parse_prefix_hash(tool, result.stdout) is None, result.stdout
-    result = _run(shell, follow_hash_command(tool, "no-root", name), cwd=top, env=env)
+    result = _run(shell, follow_hash_command(tool, "no-root", name, perl), cwd=top, env=env)
     assert parse_prefix_hash(tool, result.stdout) is None
     assert not list(top.rglob("pwned"))
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("tool_env", TOOL_KINDS, indirect=True)
+def test_follow_hash_hostile(shell: list[str], tool_env: ToolEnv, tmp_path: Path) -> None:
+    tool, env, _ = tool_env
+    _check_follow_hash(shell, tool, env, tmp_path, perl=False)
+
+
+@needs_perl_md5
+@pytest.mark.parametrize("shell", SHELLS)
+def test_follow_hash_hostile_with_perl(shell: list[str], tmp_path: Path) -> None:
+    _check_follow_hash(
+        shell, HashTool.GNU, _env(os.environ.get("PATH", os.defpath)), tmp_path, True
+    )
+
+
+@needs_perl_md5
+def test_follow_hash_with_perl_refuses_odd_input(tmp_path: Path) -> None:
+    """perl gives no hash for a symlink at the name, a garbled request or a read error."""
+    data = os.urandom(2 * FOLLOW_BLOCK + 5)
+    (tmp_path / "real").write_bytes(data)
+    (tmp_path / "link").symlink_to("real")
+    (tmp_path / "dir").mkdir()
+
+    def follow(name: str, requests: bytes) -> str | None:
+        cmd = follow_hash_command(HashTool.GNU, str(tmp_path), name, perl=True)
+        result = _run(["sh", "-c"], cmd, cwd=tmp_path, stdin=requests)
+        return parse_prefix_hash(HashTool.GNU, result.stdout)
+
+    assert follow("real", b"0 1\n1 2\n") == hashlib.md5(data).hexdigest()
+    assert follow("real", b"0 1\n") == hashlib.md5(data[:FOLLOW_BLOCK]).hexdigest()
+    assert follow("link", b"0 3\n") is None  # never read through a symlink
+    assert follow("dir", b"0 1\n") is None  # a read error
+    for garbled in (b"0 1\nx 1\n", b"0 1\n1 2", b"-1 2\n", b"0 1 2\n", b"1" * 40 + b" 1\n"):
+        assert follow("real", garbled) is None, garbled
+
+
+def test_follow_perl_probe() -> None:
+    """The probe says yes exactly when this machine's perl can load Digest::MD5."""
+    result = _run(["sh", "-c"], FOLLOW_PERL_PROBE, cwd=Path.cwd())
+    assert parse_perl_probe(result.stdout) is PERL_MD5
+    assert not parse_perl_probe(b"perl: not found\n")
 
 
 def test_follow_hash_request_checks() -> None:

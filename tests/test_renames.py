@@ -14,8 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from leftssh import cli
+from leftssh.errors import ChangedError
 from leftssh.transport import remote_shell, sftp
 from leftssh.transport.sftp import SFTPTransport
+from tests.helpers import record_calls
 from tests.sshd import Sshd
 from tests.test_remote_shell import HOSTILE_NAMES, SHELLS, _run
 
@@ -132,8 +134,8 @@ def test_rename_new_both_ways(remote, perl: bool) -> None:
     failed = t.rename_new(pairs)
     assert set(failed) == {pairs[7][0]}
     assert t._perl is perl
-    # perl's own answer (its errno), not SFTP's, when perl did the renames
-    assert ("File exists" in str(failed[pairs[7][0]])) is perl, failed
+    # perl tells a taken name for sure; SFTP's failure is left to commit() to tell apart
+    assert isinstance(failed[pairs[7][0]], ChangedError) is perl, failed
     assert (root / pairs[7][1]).read_bytes() == b"appeared since the scan"
     assert (root / pairs[7][0]).exists()
     for i, (partial, name) in enumerate(pairs):
@@ -170,6 +172,18 @@ def test_perl_probe_says_no_without_perl(remote, monkeypatch) -> None:
     assert t._perl_usable() is False
 
 
+def _push(sshd: Sshd, local: Path, remote_dir: Path, state: Path) -> tuple[int, dict[str, dict]]:
+    """Push through the CLI: the exit code, and the JSON record of each path."""
+    result = CliRunner().invoke(
+        cli.main_group,
+        ["push", sshd.target(str(remote_dir)), "-d", str(local), "--json", *sshd.cli_args()],
+        env={"LEFTSSH_STATE_DIR": str(state)},
+        catch_exceptions=False,
+    )
+    records = [json.loads(line) for line in result.output.splitlines() if line.strip()]
+    return result.exit_code, {r["path"]: r for r in records if "path" in r}
+
+
 @pytest.mark.parametrize("count", [30, 120])
 def test_push_keeps_a_name_that_appears_before_the_rename(
     sshd: Sshd, tmp_path: Path, monkeypatch, count: int
@@ -198,14 +212,7 @@ def test_push_keeps_a_name_that_appears_before_the_rename(
         return left
 
     monkeypatch.setattr(SFTPTransport, "_rename_in_shell", counted)
-    result = CliRunner().invoke(
-        cli.main_group,
-        ["push", sshd.target(str(remote_dir)), "-d", str(local), "--json", *sshd.cli_args()],
-        env={"LEFTSSH_STATE_DIR": str(tmp_path / "state")},
-        catch_exceptions=False,
-    )
-    records = [json.loads(line) for line in result.output.splitlines() if line.strip()]
-    by_path = {r["path"]: r for r in records if "path" in r}
+    code, by_path = _push(sshd, local, remote_dir, tmp_path / "state")
     assert by_path["d/f7.txt"]["status"] == "skipped", by_path["d/f7.txt"]
     assert "appeared since the scan" in by_path["d/f7.txt"]["reason"]
     assert (remote_dir / "d" / "f7.txt").read_text() == "written by someone else\n"
@@ -214,7 +221,42 @@ def test_push_keeps_a_name_that_appears_before_the_rename(
             assert by_path[f"d/f{i}.txt"]["status"] == "ok"
             assert (remote_dir / "d" / f"f{i}.txt").read_text() == f"file {i}\n"
     assert not [p for p in remote_dir.rglob("*.leftpart")]
-    assert result.exit_code == 1
+    assert code == 1
     with_perl = count >= sftp.SHELL_RENAMES and shutil.which("perl") is not None
     assert used == [True if with_perl else None]
     assert left_to_sftp == ([0] if with_perl else [])  # perl gave every name it could
+
+
+@needs_perl
+def test_push_never_renames_a_partial_swapped_for_a_symlink(
+    sshd: Sshd, tmp_path: Path, monkeypatch
+) -> None:
+    """perl refuses a partial that is no longer a regular file, and SFTP is not asked."""
+    local, remote_dir, outside = tmp_path / "share", tmp_path / "peer", tmp_path / "outside"
+    (local / "d").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret").write_text("not to be shared\n")
+    count = sftp.SHELL_RENAMES + 10
+    for i in range(count):
+        (local / "d" / f"f{i}.txt").write_text(f"file {i}\n")
+    real_rename = SFTPTransport.rename_new
+
+    def swapper(self: SFTPTransport, pairs: list[tuple[str, str]]) -> dict[str, Exception]:
+        partial = dict((path, part) for part, path in pairs)["d/f9.txt"]
+        (remote_dir / partial).unlink()
+        (remote_dir / partial).symlink_to(outside / "secret")
+        return real_rename(self, pairs)
+
+    monkeypatch.setattr(SFTPTransport, "rename_new", swapper)
+    commits = record_calls(monkeypatch, SFTPTransport, "commit")
+    code, by_path = _push(sshd, local, remote_dir, tmp_path / "state")
+    assert by_path["d/f9.txt"]["status"] == "failed", by_path["d/f9.txt"]
+    assert "no longer a regular file" in by_path["d/f9.txt"]["error"]
+    assert not (remote_dir / "d" / "f9.txt").is_symlink()
+    assert not (remote_dir / "d" / "f9.txt").exists()
+    assert commits == []  # nothing went to a plain SFTP rename
+    assert (outside / "secret").read_text() == "not to be shared\n"
+    for i in range(count):
+        if i != 9:
+            assert (remote_dir / "d" / f"f{i}.txt").read_text() == f"file {i}\n"
+    assert code == 1

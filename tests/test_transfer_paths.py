@@ -19,11 +19,11 @@ from leftssh import cli, execute
 from leftssh.errors import ChangedError, TransferError
 from leftssh.ignore import IgnoreRules
 from leftssh.paths import UnsafePath
-from leftssh.transport import sftp
+from leftssh.transport import remote_shell, sftp
 from leftssh.transport.local import LocalTransport
 from leftssh.transport.remote_shell import FOLLOW_BLOCK
 from leftssh.transport.sftp import SFTPTransport
-from tests.helpers import record_calls
+from tests.helpers import PERL_MD5, record_calls
 from tests.sshd import Sshd
 
 pytestmark = pytest.mark.usefixtures("sshd")
@@ -49,6 +49,27 @@ def test_follower_hashes_the_partial_while_it_is_written(remote, monkeypatch) ->
     # Ranges were asked for while the file was still being written, not only at the end.
     asked = [upto for (upto,) in asks]
     assert len(asked) >= 2 and asked[-1] == 6, asked
+
+
+@pytest.mark.parametrize("perl", [True, False], ids=["perl", "dd"])
+def test_follower_reads_with_perl_when_the_peer_has_it(remote, monkeypatch, perl: bool) -> None:
+    """The follower is one perl when the peer's perl has Digest::MD5, else dd and md5sum."""
+    t, root = remote
+    if perl and not PERL_MD5:
+        pytest.skip("perl with Digest::MD5 not installed")
+    if not perl:
+        monkeypatch.setattr(remote_shell, "FOLLOW_PERL_PROBE", "no-such-perl-here </dev/null")
+    monkeypatch.setattr(sftp, "FOLLOW_STEP", FOLLOW_BLOCK)
+    real, used = remote_shell.follow_hash_command, []
+
+    def spy(tool, root_arg: str, path: str, with_perl: bool = False) -> str:  # noqa: ANN001
+        used.append(with_perl)
+        return real(tool, root_arg, path, with_perl)
+
+    monkeypatch.setattr(remote_shell, "follow_hash_command", spy)
+    data = os.urandom(3 * FOLLOW_BLOCK + 777)
+    assert _write_all(t, ".big.leftpart", data) == hashlib.md5(data).hexdigest()
+    assert used == [perl]
 
 
 def test_follower_covers_the_resumed_prefix(remote, monkeypatch) -> None:

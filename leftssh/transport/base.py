@@ -106,7 +106,9 @@ class PipelinedUploads(Protocol):
 
     def rename_new(self, pairs: list[tuple[str, str]]) -> dict[str, Exception]:
         """Rename each partial to a name that held nothing at the scan, never replacing
-        one; return the failures by partial path."""
+        one; return the failures by partial path. A ChangedError (the name was taken
+        since) or a RenameRefused is final; any other failure is worth one more try
+        by ``commit``, which tells a name taken since the scan apart from the rest."""
         ...
 
 

@@ -38,6 +38,7 @@ from leftssh.paths import PARTIAL_SUFFIX
 __all__ = [
     "EMPTY_MD5",
     "FOLLOW_BLOCK",
+    "FOLLOW_PERL_PROBE",
     "PROBE_COMMAND",
     "HashTool",
     "parse_hash_output",
@@ -369,17 +370,44 @@ FOLLOW_BLOCK = 1 << 20
 """The unit, in bytes, of the ranges that :func:`follow_hash_request` asks for."""
 
 
-def follow_hash_command(tool: HashTool, root: str, path: str) -> str:
+FOLLOW_PERL_PROBE = "perl -MDigest::MD5 -e 'print qq(leftssh-perl\\n)' </dev/null"
+"""Run once per connection in the session: can the peer's perl hash (for
+:func:`follow_hash_command` with ``perl``). Read by :func:`parse_perl_probe`."""
+
+# The ranges of follow_hash_request, read with sysread from the file (opened once,
+# never through a symlink) into one running MD5; then the status line and the hash.
+_FOLLOW_PERL = (
+    "use Fcntl; my ($s, $f, $m) = (0, undef, Digest::MD5->new);"
+    " sysopen($f, $ARGV[0], O_RDONLY | O_NOFOLLOW) or $s = 1;"
+    " while (my $l = <STDIN>) { next if $s;"
+    " my ($o, $n) = $l =~ /\\A([0-9]{1,15}) ([0-9]{1,15})\\n\\z/ or do { $s = 1; next };"
+    " sysseek($f, $o * BLOCK, 0) or do { $s = 1; next }; my $w = $n * BLOCK;"
+    " while ($w > 0) { my $r = sysread($f, my $d, $w < BLOCK ? $w : BLOCK);"
+    " if (!defined $r) { $s = 1; last } last if !$r; $m->add($d); $w -= $r } }"
+    ' print "leftssh-rc=$s\\n", $m->hexdigest, "  -\\n"'
+)
+
+
+def follow_hash_command(tool: HashTool, root: str, path: str, perl: bool = False) -> str:
     """Return the command that hashes ``root/path`` while it is being written.
 
     The command reads range requests on stdin (see :func:`follow_hash_request`) and
-    feeds each range, read back from the file with ``dd``, into one running MD5; when
-    stdin ends it prints what :func:`parse_prefix_hash` reads. The writer asks only
-    for bytes the peer has acknowledged, in order, so the hash covers the file as it
-    lies on the receiving side, and is ready moments after the last write instead of
-    after a second full pass. A failed ``dd`` makes the status non-zero: no hash.
+    feeds each range, read back from the file, into one running MD5; when stdin ends
+    it prints what :func:`parse_prefix_hash` reads. The writer asks only for bytes
+    the peer has acknowledged, in order, so the hash covers the file as it lies on
+    the receiving side, and is ready moments after the last write instead of after a
+    second full pass. The ranges are read by ``dd`` into ``md5sum`` (one ``dd`` per
+    request), or with ``perl`` (see :data:`FOLLOW_PERL_PROBE`) by one process that
+    hashes what it reads, with no pipe between. A failed read: no hash.
     """
-    operand = shlex.quote("if=./" + _check_relpath(path))
+    name = "./" + _check_relpath(path)
+    if perl:
+        script = _FOLLOW_PERL.replace("BLOCK", str(FOLLOW_BLOCK))
+        return (
+            f"cd -- {_quote_root(root)} && "
+            f"perl -MDigest::MD5 -e {shlex.quote(script)} -- {shlex.quote(name)}"
+        )
+    operand = shlex.quote("if=" + name)
     loop = (
         f"s=0; while read -r a n; do "
         f'dd {operand} bs={FOLLOW_BLOCK} skip="$a" count="$n" 2>/dev/null || s=1; done'

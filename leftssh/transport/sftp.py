@@ -60,6 +60,7 @@ from leftssh.errors import (
     ConnectError,
     HostKeyError,
     LeftsshError,
+    RenameRefused,
     TransferError,
     UsageError,
 )
@@ -1485,6 +1486,7 @@ class SFTPTransport:
         self._real_root: str | None = None
         self._tar: bool | None = None  # GNU tar on the peer (asked once)
         self._perl: bool | None = None  # perl on the peer (asked once)
+        self._perl_md5: bool | None = None  # perl with Digest::MD5 on the peer (asked once)
         self._run = os.urandom(6).hex()  # names this run's archives
         self._archives = 0
         self._swept: set[str] = set()  # directories cleared of other runs' archives
@@ -1944,10 +1946,11 @@ class SFTPTransport:
         tool = self._hash_tool()
         if tool is None:
             return None
+        perl = self._has("_perl_md5", remote_shell.FOLLOW_PERL_PROBE, remote_shell.parse_perl_probe)
         try:
             chan = self._t.open_session(timeout=self.timeout)
             chan.settimeout(self.timeout)
-            chan.exec_command(remote_shell.follow_hash_command(tool, self.root, path))
+            chan.exec_command(remote_shell.follow_hash_command(tool, self.root, path, perl))
         except Exception:
             return None
         return _Follower(chan, tool)
@@ -2306,9 +2309,12 @@ class SFTPTransport:
         """Rename pairs with perl in the session shell (:func:`remote_shell.rename_script`).
 
         Each pair's line says what became of it. A pair refused for a reason of its
-        own goes into ``failed``; returned are the pairs left for SFTP: those with
-        no line (all of them if no shell could be started), and those whose link(2)
-        the file system does not support (OpenSSH's RENAME then uses rename(2)).
+        own goes into ``failed``: a ChangedError when its new name was taken, else a
+        RenameRefused (a partial gone or no longer a regular file is never renamed
+        by SFTP, which would rename whatever holds its name). Returned are the pairs
+        left for SFTP: those with no line (all of them if no shell could be started),
+        and those whose link(2) the file system does not support (OpenSSH's RENAME
+        then uses rename(2)).
         A shell that ended early still tells what it did before.
         """
         try:
@@ -2322,8 +2328,10 @@ class SFTPTransport:
             partial, path = pairs[number]
             if why in _LINK_UNSUPPORTED:
                 left.append(pairs[number])
+            elif why == "EEXIST":
+                failed[partial] = ChangedError("appeared since the scan; not overwritten")
             else:
-                failed[partial] = TransferError(f"rename into place: {_why(why)}")
+                failed[partial] = RenameRefused(f"rename into place: {_why(why)}")
         return left
 
     def _resolved_root(self, sftp: paramiko.SFTPClient) -> str:
