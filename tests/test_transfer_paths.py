@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -706,3 +707,17 @@ def test_the_shell_starts_early_when_the_peer_share_is_empty(
     assert calls == expected
     copied = (remote_dir / "d" / "f3.txt").exists()
     assert copied is ("--dry-run" not in extra)
+
+
+@pytest.mark.parametrize("hashes", [True, False])
+def test_warm_up_asks_about_tar_and_perl_before_they_are_needed(remote, hashes: bool) -> None:
+    """Asked later, these probes would wait behind the unpacking of archives."""
+    t, _ = remote
+    t.warm_up(hashes)
+    for thread in threading.enumerate():
+        if thread.name == "sftp-warm-up":
+            thread.join(30)
+    assert t._tar is not None
+    assert t._perl is (shutil.which("perl") is not None)
+    assert t._perl_md5 is (PERL_MD5 if hashes else None)
+    assert t._probed is hashes

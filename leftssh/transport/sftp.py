@@ -1946,7 +1946,7 @@ class SFTPTransport:
         tool = self._hash_tool()
         if tool is None:
             return None
-        perl = self._has("_perl_md5", remote_shell.FOLLOW_PERL_PROBE, remote_shell.parse_perl_probe)
+        perl = self._perl_md5_usable()
         try:
             chan = self._t.open_session(timeout=self.timeout)
             chan.settimeout(self.timeout)
@@ -2153,9 +2153,10 @@ class SFTPTransport:
 
         The first command of a session pays the login shell's start-up (a user's
         ``.bashrc`` may take a tenth of a second); a copy that needs the shell then
-        finds it ready. With ``hashes`` the md5 probe is asked too (archives are
-        then hashed as soon as they are unpacked). Failures are left for the copy
-        to meet.
+        finds it ready, and finds the answers about tar and perl known (asked later,
+        they would wait behind the unpacking of archives). With ``hashes`` the md5
+        probes are asked too (archives are then hashed as soon as they are unpacked).
+        Failures are left for the copy to meet.
         """
 
         def ask() -> None:
@@ -2163,6 +2164,9 @@ class SFTPTransport:
                 if hashes:
                     self._hash_tool()
                 self._tar_usable()
+                self._perl_usable()
+                if hashes:
+                    self._perl_md5_usable()
 
         threading.Thread(target=ask, name="sftp-warm-up", daemon=True).start()
 
@@ -2173,6 +2177,10 @@ class SFTPTransport:
     def _perl_usable(self) -> bool:
         """Tell (asking once) whether the peer's session shell has perl."""
         return self._has("_perl", remote_shell.PERL_PROBE, remote_shell.parse_perl_probe)
+
+    def _perl_md5_usable(self) -> bool:
+        """Tell (asking once) whether the peer's perl has Digest::MD5 (for the follower)."""
+        return self._has("_perl_md5", remote_shell.FOLLOW_PERL_PROBE, remote_shell.parse_perl_probe)
 
     def _has(self, attribute: str, script: str, parse: Callable[[bytes], bool]) -> bool:
         """The answer kept in ``attribute``, asked once: did ``script`` print what
