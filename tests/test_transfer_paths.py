@@ -721,3 +721,21 @@ def test_warm_up_asks_about_tar_and_perl_before_they_are_needed(remote, hashes: 
     assert t._perl is (shutil.which("perl") is not None)
     assert t._perl_md5 is (PERL_MD5 if hashes else None)
     assert t._probed is hashes
+
+
+def test_a_local_partial_is_cut_only_past_its_proven_prefix(tmp_path: Path, monkeypatch) -> None:
+    """A fresh partial is never truncated to 0 (on ext4 that makes close() write the
+    whole file out); a resumed one loses its tail past the offset and nothing else."""
+    t = LocalTransport(tmp_path)
+    cuts: list[tuple[int, int]] = []
+    real = os.ftruncate
+    monkeypatch.setattr(os, "ftruncate", lambda fd, n: cuts.append((fd, n)) or real(fd, n))
+    with t.open_write(".a.leftpart", 0) as out:
+        out.write(b"fresh data")
+    assert cuts == []
+    assert (tmp_path / ".a.leftpart").read_bytes() == b"fresh data"
+    (tmp_path / ".b.leftpart").write_bytes(b"proven|stale tail")
+    with t.open_write(".b.leftpart", 6) as out:
+        out.write(b"+new")
+    assert [n for _, n in cuts] == [6]
+    assert (tmp_path / ".b.leftpart").read_bytes() == b"proven+new"

@@ -453,8 +453,13 @@ class LocalTransport:
                 self.remove_partial(path)
                 fd = self._open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, offset)
-            os.lseek(fd, offset, os.SEEK_SET)
+            if offset:  # a fresh partial is empty already
+                # A resumed one loses what lies past the proven prefix. Never cut to
+                # 0: ext4 then writes the whole file out at close (its auto_da_alloc,
+                # meant for files rewritten in place), which kept close() of a 500 MB
+                # download busy for 0.3 s.
+                os.ftruncate(fd, offset)
+                os.lseek(fd, offset, os.SEEK_SET)
         except OSError:
             os.close(fd)
             raise
