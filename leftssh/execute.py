@@ -42,10 +42,13 @@ from leftssh.paths import PARTIAL_SUFFIX, partial_name, version_tag
 from leftssh.transport.base import (
     HashUnavailable,
     ManyDirs,
+    ManyRenames,
     ManyStats,
+    PipelinedDownloads,
     PipelinedUploads,
     Transport,
     WholeReads,
+    WholeWrites,
     matches,
 )
 
@@ -53,7 +56,7 @@ BATCH_FILES = 2000
 BATCH_BYTES = 256 << 20
 SETTLE_AHEAD = 2  # batches that may wait for their verify-and-commit stage
 FOLLOW_MIN = 32 << 20  # files this large are hashed by the receiving side as they arrive
-SMALL_FILE = 256 << 10  # uploads up to this size share one request pipeline
+SMALL_FILE = 256 << 10  # transfers up to this size share one request pipeline
 
 
 class VerifyUnavailable(LeftsshError):
@@ -125,8 +128,12 @@ class Executor:
         self._settling: collections.deque[Future] = collections.deque()
         self._verify_mode: str | None = None
         # Small uploads share one request pipeline where both sides offer it.
-        self._renames_pipelined = isinstance(self.remote, PipelinedUploads)
-        self._small_pipeline = self._renames_pipelined and isinstance(self.local, WholeReads)
+        self._small_pipeline = isinstance(self.remote, PipelinedUploads) and isinstance(
+            self.local, WholeReads
+        )
+        self._small_downloads = isinstance(self.remote, PipelinedDownloads) and isinstance(
+            self.local, WholeWrites
+        )
         self._many_dirs = isinstance(self.remote, ManyDirs)
         self._many_stats = isinstance(self.remote, ManyStats)
         self._probed = threading.Event()  # the background md5 probe has answered
@@ -184,7 +191,7 @@ class Executor:
         peer is still out and no partial of these versions was found, they start at
         once, and the peer's hash of a large upload joins when the probe answers.
         """
-        if all(self._pipelined(a) for a in actions):
+        if all(self._pipelined(a, Kind.UPLOAD) for a in actions):
             return ""
         if (
             self._verify_mode is None
@@ -533,11 +540,21 @@ class Executor:
         called before the batch is verified.
         """
         small: list[Action] = []
+        small_down: list[Action] = []
         rest: list[Action] = []
         for a in actions:
-            (small if self._pipelined(a) else rest).append(a)
+            if self._pipelined(a, Kind.UPLOAD):
+                small.append(a)
+            elif self._pipelined(a, Kind.DOWNLOAD):
+                small_down.append(a)
+            else:
+                rest.append(a)
         sent = self._copy_small(small, copies) if small else None
         self._map(lambda a: self._copy_guarded(copies[a.path], resume, mode), rest)
+        if small_down:
+            # What the pipeline could not read goes the one-file-at-a-time way.
+            retry = self._copy_small_down(small_down, copies)
+            self._map(lambda a: self._copy_guarded(copies[a.path], resume, mode), retry)
 
         def placed() -> None:
             if sent is not None:
@@ -547,14 +564,58 @@ class Executor:
 
         return placed
 
-    def _pipelined(self, a: Action) -> bool:
-        """Tell whether ``a`` is a small upload that can share one request pipeline."""
-        return (
-            a.kind is Kind.UPLOAD
-            and a.source is not None
-            and a.source.size <= SMALL_FILE
-            and self._small_pipeline
-        )
+    def _pipelined(self, a: Action, kind: Kind) -> bool:
+        """Tell whether ``a`` is a small transfer of ``kind`` (upload or download) that
+        can share one request pipeline."""
+        able = self._small_pipeline if kind is Kind.UPLOAD else self._small_downloads
+        return a.kind is kind and a.source is not None and a.source.size <= SMALL_FILE and able
+
+    def _copy_small_down(self, actions: list[Action], copies: dict[str, _Copy]) -> list[Action]:
+        """Download small files together; return those to copy one by one.
+
+        The peer's answers for many files are in flight at once (the transport's
+        ``get_files``); each file read whole is written to its local partial and
+        hashed here, as :meth:`_copy` would. A file the pipeline could not read is
+        returned, to meet the one-file path and its own error.
+        """
+        src, dst = self.remote, self.local
+        assert isinstance(src, PipelinedDownloads) and isinstance(dst, WholeWrites)
+        retry: list[Action] = []
+        left = {a.path: a for a in actions}
+        got = src.get_files((a.path, a.source.size) for a in actions if a.source is not None)
+        try:
+            for path, data, size, mtime in got:
+                if self.stop.is_set():
+                    break
+                a = left.pop(path)
+                c, source = copies[path], a.source
+                assert source is not None
+                c.partial = partial_name(path, version_tag(source.size, source.mtime))
+                c.error, c.resumed_from, c.dst_md5, c.attrs_set = "", 0, None, False
+                if isinstance(data, Exception):
+                    retry.append(a)
+                    continue
+                if len(data) != source.size or size != source.size or mtime != source.mtime:
+                    c.error = "source changed during transfer; will retry on the next run"
+                    continue
+                self._drop_stale_partials(path, c.partial, Side.LOCAL, dst)
+                if self._limiter:
+                    self._limiter.consume(len(data))
+                try:
+                    dst.write_whole(c.partial, data, (source.mtime, source.mode))
+                except (TransferError, OSError) as e:
+                    c.error = _message(e)
+                    continue
+                c.attrs_set = True
+                c.digest = hashlib.md5(data).hexdigest()
+                c.sent += len(data)
+                if self.on_bytes is not None:
+                    self.on_bytes(len(data), path)
+        finally:
+            got.close()
+        for a in left.values():  # not reached: the run is stopping
+            copies[a.path].error = "interrupted"
+        return retry
 
     def _copy_small(
         self, actions: list[Action], copies: dict[str, _Copy]
@@ -647,6 +708,7 @@ class Executor:
         c.attrs_set = False
         c.dst_md5 = None
         sent = 0
+        empty = False
         try:
             if source.size - offset >= FOLLOW_MIN:
                 hasher = _HashingThread(hasher)
@@ -661,10 +723,17 @@ class Executor:
                 hasher.update(block)
                 sent += len(block)
                 c.sent += len(block)
+        except BaseException:
+            empty = not offset and not sent  # nothing to resume: the source gave no byte
+            raise
         finally:
             if isinstance(hasher, _HashingThread):
                 hasher.close()
-            _write(out, None, dst, c.partial)
+            try:
+                _write(out, None, dst, c.partial)
+            finally:
+                if empty:
+                    _quiet(dst.remove_partial, c.partial)
         c.attrs_set = bool(getattr(out, "attrs_set", False))
         c.dst_md5 = getattr(out, "md5", None)
         c.digest = hasher.hexdigest()
@@ -785,33 +854,47 @@ class Executor:
     ) -> None:
         """Rename verified partials into place: new remote names in one pipeline, the rest
         one by one (those re-check what they replace, see ``Transport.commit``)."""
-        rest = actions
-        if self._renames_pipelined:
-            new = [
-                a
-                for a in actions
-                if a.kind is Kind.UPLOAD and a.expected is None and copies[a.path].attrs_set
-            ]
-            if len(new) > 1:
-                failed = self.remote.rename_new([(copies[a.path].partial, a.path) for a in new])
-                done = set()
-                for a in new:
-                    c = copies[a.path]
-                    error = failed.get(c.partial)
-                    if error is None:
-                        self._committed(c, mode, sink)
-                    elif isinstance(error, ChangedError):
-                        _quiet(self.remote.remove_partial, c.partial)
-                        c.error = f"skipped: {error}"
-                    elif isinstance(error, RenameRefused):
-                        c.error = _message(error)
-                    else:
-                        # It may have met a name that appeared since the scan:
-                        # commit() tells that apart and reports it.
-                        continue
-                    done.add(a.path)
-                rest = [a for a in actions if a.path not in done]
+        done: set[str] = set()
+        for kind, side in ((Kind.UPLOAD, self.remote), (Kind.DOWNLOAD, self.local)):
+            if isinstance(side, ManyRenames):
+                new = [
+                    a
+                    for a in actions
+                    if a.kind is kind and a.expected is None and copies[a.path].attrs_set
+                ]
+                if len(new) > 1:
+                    done |= self._rename_new(side, new, copies, mode, sink)
+        rest = [a for a in actions if a.path not in done]
         self._map(lambda a: self._finish(copies[a.path], mode, sink), rest)
+
+    def _rename_new(
+        self,
+        side: ManyRenames,
+        new: list[Action],
+        copies: dict[str, _Copy],
+        mode: str,
+        sink: list[Outcome] | None,
+    ) -> set[str]:
+        """Give new names to the partials of ``new`` together; return the paths settled
+        (placed, or failed for good); the others are left to the one-by-one commit."""
+        failed = side.rename_new([(copies[a.path].partial, a.path) for a in new])
+        done = set()
+        for a in new:
+            c = copies[a.path]
+            error = failed.get(c.partial)
+            if error is None:
+                self._committed(c, mode, sink)
+            elif isinstance(error, ChangedError):
+                _quiet(side.remove_partial, c.partial)
+                c.error = f"skipped: {error}"
+            elif isinstance(error, RenameRefused):
+                c.error = _message(error)
+            else:
+                # It may have met a name that appeared since the scan:
+                # commit() tells that apart and reports it.
+                continue
+            done.add(a.path)
+        return done
 
     def _finish(self, c: _Copy, mode: str, sink: list[Outcome] | None) -> None:
         a = c.action

@@ -739,3 +739,136 @@ def test_a_local_partial_is_cut_only_past_its_proven_prefix(tmp_path: Path, monk
         out.write(b"+new")
     assert [n for _, n in cuts] == [6]
     assert (tmp_path / ".b.leftpart").read_bytes() == b"proven+new"
+
+
+def test_get_files_reads_many_files_in_one_pipeline(remote) -> None:
+    """Every size around the request size, hostile names, in order, one past the size."""
+    t, root = remote
+    request = t._request_sizes(t.client())[0]
+    sizes = [0, 1, 4095, request - 1, request, request + 1, 256 << 10]
+    names = ["plain.txt", "with space.txt", "$(touch pwned)", "new\nline", "ünï 名前", "-rf"]
+    files: dict[str, bytes] = {}
+    for i in range(300):
+        name = f"d{i % 7}/{names[i % len(names)]}.{i}"
+        files[name] = os.urandom(sizes[i % len(sizes)])
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_bytes(files[name])
+        os.utime(root / name, (1_700_000_000 + i, 1_700_000_000 + i))
+    asked = list(files)
+    got = list(t.get_files((p, len(files[p])) for p in asked))
+    assert [path for path, *_ in got] == asked
+    for i, (path, data, size, mtime) in enumerate(got):
+        assert data == files[path], path
+        assert (size, mtime) == (len(files[path]), 1_700_000_000 + i)
+    # A file longer than listed gives one byte past the listed size, and its real size.
+    (root / "grown").write_bytes(b"x" * 100)
+    ((_, data, size, _),) = t.get_files([("grown", 10)])
+    assert (data, size) == (b"x" * 11, 100)
+    assert not list(root.rglob("pwned"))
+
+
+def test_get_files_reports_each_failure_and_goes_on(remote, tmp_path: Path) -> None:
+    t, root = remote
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"not to be read")
+    (root / "ok1").write_bytes(b"one")
+    (root / "link").symlink_to(outside / "secret")
+    (root / "dir").mkdir()
+    (root / "sub").symlink_to(outside)
+    (root / "ok2").write_bytes(b"two")
+    items = [("ok1", 3), ("missing", 5), ("link", 14), ("sub/secret", 14), ("dir", 0), ("ok2", 3)]
+    got = {path: (data, size) for path, data, size, _ in t.get_files(items)}
+    assert got["ok1"] == (b"one", 3) and got["ok2"] == (b"two", 3)
+    for bad in ("missing", "link", "sub/secret", "dir"):
+        assert isinstance(got[bad][0], TransferError), (bad, got[bad])
+        assert got[bad][1] == -1
+    assert "outside" in str(got["link"][0]) and "outside" in str(got["sub/secret"][0])
+
+
+def test_get_files_closed_early_leaves_the_connection_usable(remote) -> None:
+    t, root = remote
+    for i in range(600):
+        (root / f"f{i}").write_bytes(b"%d" % i)
+    got = t.get_files((f"f{i}", len(b"%d" % i)) for i in range(600))
+    assert next(got)[:2] == ("f0", b"0")
+    got.close()  # every handle still open is closed
+    assert [d for _, d, _, _ in t.get_files([("f599", 3)])] == [b"599"]
+    assert t.stat("f7") is not None
+
+
+def test_pull_of_many_small_files_goes_through_one_pipeline(
+    sshd: Sshd, tmp_path: Path, monkeypatch
+) -> None:
+    """Through the CLI: every file arrives verified; one vanished on the peer after
+    the listing fails alone through the one-file path."""
+    local, remote_dir = tmp_path / "share", tmp_path / "peer"
+    files = {f"d{i % 5}/f{i}.txt": os.urandom(i * 37 % 5000) for i in range(120)}
+    for name, data in files.items():
+        (remote_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (remote_dir / name).write_bytes(data)
+    real = SFTPTransport.get_files
+    asked: list[str] = []
+
+    def spy(self: SFTPTransport, items):  # type: ignore[no-untyped-def]
+        items = list(items)
+        asked.extend(p for p, _ in items)
+        (remote_dir / "d3" / "f3.txt").unlink(missing_ok=True)  # gone since the listing
+        return real(self, items)
+
+    monkeypatch.setattr(SFTPTransport, "get_files", spy)
+    one_by_one = record_calls(monkeypatch, SFTPTransport, "read_chunks")
+    result = CliRunner().invoke(
+        cli.main_group,
+        ["pull", sshd.target(str(remote_dir)), "-d", str(local), "--json", *sshd.cli_args()],
+        env={"LEFTSSH_STATE_DIR": str(tmp_path / "state")},
+        catch_exceptions=False,
+    )
+    records = {r["path"]: r for r in map(json.loads, result.output.splitlines()) if "path" in r}
+    assert sorted(asked) == sorted(files)
+    assert [path for path, *_ in one_by_one] == ["d3/f3.txt"]
+    assert records["d3/f3.txt"]["status"] == "failed"
+    assert result.exit_code == 1
+    for name, data in files.items():
+        if name != "d3/f3.txt":
+            assert records[name]["status"] == "ok" and records[name]["verified"] == "md5"
+            assert (local / name).read_bytes() == data
+            assert int((local / name).stat().st_mtime) == int((remote_dir / name).stat().st_mtime)
+    assert not list(local.rglob("*.leftpart"))
+
+
+def test_local_write_whole_and_rename_new(tmp_path: Path) -> None:
+    """The local halves of a pipelined download: a partial written whole with its
+    mtime and mode (a symlink planted at its name replaced, not followed), then new
+    names given together, a taken name never replaced."""
+    share, outside = tmp_path / "share", tmp_path / "outside"
+    (share / "d").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "victim").write_text("must stay\n")
+    (share / "d" / ".b.leftpart").symlink_to(outside / "victim")
+    t = LocalTransport(share)
+    t.write_whole("d/.a.leftpart", b"alpha", (1_700_000_000, 0o640))
+    t.write_whole("d/.b.leftpart", memoryview(b"beta"), (1_700_000_001, 0o600))
+    t.write_whole(".c.leftpart", b"", (1_700_000_002, 0o644))
+    assert (outside / "victim").read_text() == "must stay\n"
+    for name, data, mtime, mode in (
+        ("d/.a.leftpart", b"alpha", 1_700_000_000, 0o640),
+        ("d/.b.leftpart", b"beta", 1_700_000_001, 0o600),
+        (".c.leftpart", b"", 1_700_000_002, 0o644),
+    ):
+        st = (share / name).lstat()
+        assert (share / name).read_bytes() == data
+        assert (int(st.st_mtime), st.st_mode & 0o777) == (mtime, mode)
+    (share / "d" / "b").write_text("appeared since the scan\n")
+    failed = t.rename_new(
+        [("d/.a.leftpart", "d/a"), ("d/.b.leftpart", "d/b"), (".c.leftpart", "c"),
+         ("d/.gone.leftpart", "d/gone")]
+    )  # fmt: skip
+    assert set(failed) == {"d/.b.leftpart", "d/.gone.leftpart"}
+    assert isinstance(failed["d/.b.leftpart"], ChangedError)
+    assert isinstance(failed["d/.gone.leftpart"], TransferError)
+    assert not isinstance(failed["d/.gone.leftpart"], ChangedError)  # left to commit()
+    assert (share / "d" / "a").read_bytes() == b"alpha" and (share / "c").exists()
+    assert not (share / "d" / ".a.leftpart").exists() and not (share / ".c.leftpart").exists()
+    assert (share / "d" / "b").read_text() == "appeared since the scan\n"
+    assert (share / "d" / ".b.leftpart").read_bytes() == b"beta"  # kept: the caller decides

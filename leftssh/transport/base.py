@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from leftssh.ignore import IgnoreRules
@@ -104,13 +104,6 @@ class PipelinedUploads(Protocol):
         for ``--bwlimit``; known once ``put_files`` has started taking items."""
         ...
 
-    def rename_new(self, pairs: list[tuple[str, str]]) -> dict[str, Exception]:
-        """Rename each partial to a name that held nothing at the scan, never replacing
-        one; return the failures by partial path. A ChangedError (the name was taken
-        since) or a RenameRefused is final; any other failure is worth one more try
-        by ``commit``, which tells a name taken since the scan apart from the rest."""
-        ...
-
 
 @runtime_checkable
 class WarmsUp(Protocol):
@@ -139,6 +132,46 @@ class ManyStats(Protocol):
     def stat_many(self, paths: list[str]) -> dict[str, Entry | None]:
         """What ``stat`` would say of each path (None: missing); raises what ``stat``
         would raise for the first path that could not be looked at."""
+        ...
+
+
+@runtime_checkable
+class PipelinedDownloads(Protocol):
+    """What a transport offers to send many small files in one request pipeline."""
+
+    def get_files(
+        self, items: Iterable[tuple[str, int]]
+    ) -> Generator[tuple[str, bytes | Exception, int, int], None, None]:
+        """Read each (path, size the listing gave), at most one byte past that size.
+
+        Yields, in the order given, (path, data, size, whole-second mtime) as the
+        open file has them, or (path, error, -1, -1); a failed file is retried one
+        by one. Closing the iterator early closes every file still open."""
+        ...
+
+
+@runtime_checkable
+class ManyRenames(Protocol):
+    """What a transport offers to give many partials their new names at once."""
+
+    def rename_new(self, pairs: list[tuple[str, str]]) -> dict[str, Exception]:
+        """Rename each partial to a name that held nothing at the scan, never replacing
+        one; return the failures by partial path. A ChangedError (the name was taken
+        since) or a RenameRefused is final; any other failure is worth one more try
+        by ``commit``, which tells a name taken since the scan apart from the rest."""
+        ...
+
+    def remove_partial(self, path: str) -> None:
+        """Remove a partial file (no error if it is gone)."""
+        ...
+
+
+@runtime_checkable
+class WholeWrites(Protocol):
+    """What a transport offers to write a small file in one call."""
+
+    def write_whole(self, path: str, data: bytes | memoryview, attrs: tuple[int, int]) -> None:
+        """Create the partial ``path`` holding ``data``, with (mtime, mode) ``attrs``."""
         ...
 
 

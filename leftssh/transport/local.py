@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -464,6 +465,78 @@ class LocalTransport:
             os.close(fd)
             raise
         return os.fdopen(fd, "wb")
+
+    def write_whole(self, path: str, data: bytes | memoryview, attrs: tuple[int, int]) -> None:
+        """Create the partial ``path`` holding ``data``, with (mtime, mode) ``attrs``.
+
+        As :meth:`open_write` at offset 0 and :meth:`set_attrs` would, with the
+        directory opened once. A partial that could not be written whole is removed.
+        """
+        mtime, mode = attrs
+        ns = mtime * 1_000_000_000
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        with self._parent(path) as (dir_fd, name):
+            try:
+                fd = _open_file(dir_fd, name, flags, 0o600, path)
+            except FileExistsError:  # an old partial, or a planted symlink: removed
+                os.unlink(name, dir_fd=dir_fd)
+                fd = _open_file(dir_fd, name, flags, 0o600, path)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fchmod(fd, mode & 0o777)
+                os.utime(fd, ns=(ns, ns))
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=dir_fd)
+                raise
+            os.close(fd)
+
+    def rename_new(self, pairs: list[tuple[str, str]]) -> dict[str, Exception]:
+        """Rename each partial to a name that held nothing at the scan, never replacing
+        one, as :meth:`commit` does, each directory opened once. A taken name is a
+        ChangedError; a file system without hard links leaves the pair to ``commit``."""
+        failed: dict[str, Exception] = {}
+        by_dir: dict[str, list[tuple[str, str]]] = {}
+        for partial, path in pairs:
+            by_dir.setdefault(partial.rpartition("/")[0], []).append((partial, path))
+        for rel_dir, group in by_dir.items():
+            try:
+                fd = self._open_checked_dir(rel_dir, group[0][1])
+            except (OSError, TransferError) as e:
+                for partial, _ in group:
+                    failed[partial] = e if isinstance(e, TransferError) else TransferError(str(e))
+                continue
+            try:
+                for partial, path in group:
+                    src, dst = partial.rpartition("/")[2], path.rpartition("/")[2]
+                    if path.rpartition("/")[0] != rel_dir:
+                        failed[partial] = TransferError("not in the partial's directory")
+                        continue
+                    try:
+                        check_name(src)
+                        check_name(dst)
+                        os.link(src, dst, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
+                    except FileExistsError:
+                        failed[partial] = ChangedError("appeared since the scan; not overwritten")
+                        continue
+                    except TransferError as e:
+                        failed[partial] = e
+                        continue
+                    except OSError as e:  # commit() tells "no hard links here" from the rest
+                        failed[partial] = TransferError(f"rename into place: {_describe(e)}")
+                        continue
+                    try:
+                        os.unlink(src, dir_fd=fd)
+                    except OSError as e:  # as commit() would leave it: the new name goes
+                        with contextlib.suppress(OSError):
+                            os.unlink(dst, dir_fd=fd)
+                        failed[partial] = TransferError(f"rename into place: {_describe(e)}")
+            finally:
+                os.close(fd)
+        return failed
 
     def set_attrs(self, path: str, mtime: int, mode: int) -> None:
         ns = mtime * 1_000_000_000

@@ -19,10 +19,10 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 import paramiko
 from paramiko.buffered_pipe import BufferedPipe, PipeTimeout
@@ -33,6 +33,7 @@ from paramiko.sftp import (
     CMD_EXTENDED,
     CMD_EXTENDED_REPLY,
     CMD_FSETSTAT,
+    CMD_FSTAT,
     CMD_HANDLE,
     CMD_LSTAT,
     CMD_MKDIR,
@@ -49,6 +50,7 @@ from paramiko.sftp import (
     CMD_WRITE,
     SFTP_FLAG_CREATE,
     SFTP_FLAG_EXCL,
+    SFTP_FLAG_READ,
     SFTP_FLAG_WRITE,
     int64,
 )
@@ -984,6 +986,32 @@ def _outside(
     if msg.get_text() != posixpath.join(real_root, parent):
         return UnsafePath(f"{display(path)}: leads outside the share")
     return None
+
+
+class _Get:
+    """One small file of :meth:`SFTPTransport.get_files` on its way."""
+
+    __slots__ = ("path", "want", "pieces", "size", "mtime", "error")
+
+    def __init__(self, path: str, want: int) -> None:
+        self.path = path
+        self.want = want  # bytes asked for: one past the listed size
+        self.pieces: list[tuple[int, int, bytes | memoryview]] = []  # (offset, asked, data)
+        self.size = -1
+        self.mtime = -1
+        self.error: BaseException | None = None
+
+    def data(self) -> bytes:
+        """The bytes read, in order; a short answer before the end is an error."""
+        out, at = [], 0
+        for offset, asked, piece in sorted(self.pieces, key=lambda p: p[0]):
+            if offset != at:
+                raise paramiko.SFTPError("a short read before the end of the file")
+            out.append(piece)
+            at += len(piece)
+            if len(piece) < asked:
+                break
+        return b"".join(out)
 
 
 class _Put:
@@ -2139,14 +2167,138 @@ class SFTPTransport:
                     return failed
                 pipe.step()
         except BaseException as e:
-            if not _stops_pipeline(e):
+            self._end_pipeline(pipe, e, "write")
+
+    def _end_pipeline(self, pipe: _Pipeline, e: BaseException, what: str) -> NoReturn:
+        """Raise what ``e`` means for the run, once every handle in ``pipe`` is closed
+        (unless the channel itself is gone)."""
+        if not _stops_pipeline(e):
+            try:
+                pipe.drain()  # close every handle before the error goes on
+            except Exception as again:
+                raise self._error(again, what) from e
+        if isinstance(e, Exception) and _stops_pipeline(e):
+            raise self._error(e, what) from e
+        raise e
+
+    def get_files(
+        self, items: Iterable[tuple[str, int]]
+    ) -> Generator[tuple[str, bytes | Exception, int, int], None, None]:
+        """Read many small files, every request of every file pipelined.
+
+        For each (path, size the listing gave): the OPEN; on its handle a REALPATH
+        of the path (after the open, as :meth:`read_chunks` checks: it must resolve
+        to that path in the share), an FSTAT, READs of at most one byte past the
+        listed size, and the CLOSE. Many files are at different steps at once.
+        Yields, in the order given, (path, data, size, mtime) with the file's size
+        and whole-second mtime from the FSTAT (the data cut to that size), or
+        (path, error, -1, -1).
+        """
+        sftp = self.client()
+        pipe = _Pipeline(sftp)
+        real_root = self._resolved_root(sftp)
+        request = self._request_sizes(sftp)[0]
+        done: collections.deque[_Get] = collections.deque()
+        in_flight = [0]
+
+        def fail(get: _Get, error: BaseException) -> None:
+            if get.error is None:
+                get.error = error
+
+        def opened(get: _Get) -> _Callback:
+            def answer(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+                if error is not None or msg is None or t != CMD_HANDLE:
+                    fail(get, error or paramiko.SFTPError("expected a handle"))
+                    finish(get)
+                    return
+                handle = msg.get_binary()
+                pipe.send(checked(get), CMD_REALPATH, self.full(get.path))
+                pipe.send(stated(get), CMD_FSTAT, handle)
+                for at in range(0, get.want, request):
+                    asked = min(request, get.want - at)
+                    pipe.send(read(get, at, asked), CMD_READ, handle, int64(at), asked)
+                pipe.send(closed(get), CMD_CLOSE, handle)
+
+            return answer
+
+        def checked(get: _Get) -> _Callback:
+            def answer(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+                problem = _outside(get.path, get.path, real_root, t, msg, error)
+                if problem is not None:
+                    fail(get, problem)
+
+            return answer
+
+        def stated(get: _Get) -> _Callback:
+            def answer(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+                if error is not None or msg is None or t != CMD_ATTRS:
+                    fail(get, error or paramiko.SFTPError("expected attributes"))
+                    return
+                attrs = paramiko.SFTPAttributes._from_msg(msg)
+                if attrs.st_size is None or attrs.st_mtime is None:
+                    fail(get, paramiko.SFTPError("no size or mtime from the peer"))
+                    return
+                get.size, get.mtime = attrs.st_size, int(attrs.st_mtime)
+
+            return answer
+
+        def read(get: _Get, at: int, asked: int) -> _Callback:
+            def answer(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+                if isinstance(error, _EndOfFile):
+                    return  # nothing at or past ``at``
+                if error is not None or msg is None or t != CMD_DATA:
+                    fail(get, error or paramiko.SFTPError("expected data"))
+                    return
+                piece = _data(msg)
+                if len(piece) > asked:
+                    fail(get, paramiko.SFTPError("more data than asked for"))
+                    return
+                get.pieces.append((at, asked, piece))
+
+            return answer
+
+        def closed(get: _Get) -> _Callback:
+            def answer(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+                finish(get)  # a read handle that would not close has given its data
+
+            return answer
+
+        def finish(get: _Get) -> None:
+            in_flight[0] -= get.want
+            done.append(get)
+
+        def result(get: _Get) -> tuple[str, bytes | Exception, int, int]:
+            if get.error is None:
                 try:
-                    pipe.drain()  # close every handle before the error goes on
-                except Exception as again:
-                    raise self._error(again, "write") from e
-            if isinstance(e, Exception) and _stops_pipeline(e):
-                raise self._error(e, "write") from e
-            raise
+                    # No more than the open file's size (as read_chunks reads): a peer
+                    # whose listing and fstat agree on a wrong size passes a size check.
+                    return get.path, get.data()[: get.size], get.size, get.mtime
+                except paramiko.SFTPError as e:
+                    get.error = e
+            return get.path, _io_error(get.error, "read"), -1, -1
+
+        source = iter(items)
+        more = True
+        try:
+            while True:
+                while more and len(pipe) < PIPELINE_REQUESTS and in_flight[0] < PIPELINE_BYTES:
+                    item = next(source, None)
+                    if item is None:
+                        more = False
+                        break
+                    path, size = item
+                    get = _Get(path, size + 1)
+                    in_flight[0] += get.want
+                    pipe.send(opened(get), CMD_OPEN, self.full(path), SFTP_FLAG_READ, _NO_ATTRS)
+                if not len(pipe):
+                    break
+                pipe.step()
+                while done:
+                    yield result(done.popleft())
+            while done:
+                yield result(done.popleft())
+        except BaseException as e:
+            self._end_pipeline(pipe, e, "read")
 
     def warm_up(self, hashes: bool) -> None:
         """Start the run's shell and ask it what it has, on a thread of its own.
