@@ -872,3 +872,56 @@ def test_local_write_whole_and_rename_new(tmp_path: Path) -> None:
     assert not (share / "d" / ".a.leftpart").exists() and not (share / ".c.leftpart").exists()
     assert (share / "d" / "b").read_text() == "appeared since the scan\n"
     assert (share / "d" / ".b.leftpart").read_bytes() == b"beta"  # kept: the caller decides
+
+
+def test_get_files_keeps_order_and_sends_short_answers_to_the_one_file_path(
+    remote, monkeypatch
+) -> None:
+    t, root = remote
+    blob = os.urandom(100_000)
+    (root / "big").write_bytes(blob)
+    (root / "small").write_bytes(b"small")
+    got = [p for p, *_ in t.get_files([("big", len(blob)), ("missing", 5), ("small", 5)])]
+    assert got == ["big", "missing", "small"]  # a failed open does not jump the queue
+    real = sftp._data
+    monkeypatch.setattr(sftp, "_data", lambda msg: real(msg)[:20_000])  # a server capping reads
+    ((_, data, size, _),) = t.get_files([("big", len(blob))])
+    assert isinstance(data, TransferError) and size == -1
+    assert b"".join(bytes(b) for b in t.read_chunks("big", 0, len(blob))) == blob
+
+
+def test_pull_goes_on_past_a_file_swapped_for_a_symlink_to_a_non_utf8_name(
+    sshd: Sshd, tmp_path: Path, monkeypatch
+) -> None:
+    """An answer the pipeline cannot decode fails that file alone, nothing is read
+    through the symlink, and the other files arrive."""
+    local, remote_dir, outside = tmp_path / "share", tmp_path / "peer", tmp_path / "outside"
+    outside.mkdir()
+    target = os.path.join(os.fsencode(outside), b"secret-\xff")
+    with open(target, "wb") as f:
+        f.write(b"SECRET")
+    remote_dir.mkdir()
+    for i in range(20):
+        (remote_dir / f"f{i}.txt").write_text(f"file {i}\n")
+    real = SFTPTransport.get_files
+
+    def swap(self: SFTPTransport, items):  # type: ignore[no-untyped-def]
+        os.unlink(remote_dir / "f3.txt")
+        os.symlink(target, os.fsencode(remote_dir / "f3.txt"))
+        return real(self, items)
+
+    monkeypatch.setattr(SFTPTransport, "get_files", swap)
+    result = CliRunner().invoke(
+        cli.main_group,
+        ["pull", sshd.target(str(remote_dir)), "-d", str(local), "--json", *sshd.cli_args()],
+        env={"LEFTSSH_STATE_DIR": str(tmp_path / "state")},
+        catch_exceptions=False,
+    )
+    records = {r["path"]: r for r in map(json.loads, result.output.splitlines()) if "path" in r}
+    assert result.exit_code == 1, result.output
+    assert records["f3.txt"]["status"] == "failed"
+    for i in range(20):
+        if i != 3:
+            assert (local / f"f{i}.txt").read_text() == f"file {i}\n"
+    assert not (local / "f3.txt").exists()
+    assert not list(local.rglob("*.leftpart"))

@@ -488,11 +488,17 @@ class LocalTransport:
                 os.fchmod(fd, mode & 0o777)
                 os.utime(fd, ns=(ns, ns))
             except BaseException:
-                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=dir_fd)
                 raise
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:  # not written whole after all (NFS, quota): not kept
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=dir_fd)
+                raise
 
     def rename_new(self, pairs: list[tuple[str, str]]) -> dict[str, Exception]:
         """Rename each partial to a name that held nothing at the scan, never replacing

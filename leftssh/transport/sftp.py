@@ -983,7 +983,8 @@ def _outside(
         return error
     if msg is None or t != CMD_NAME or msg.get_int() != 1:
         return paramiko.SFTPError("cannot resolve the directory")
-    if msg.get_text() != posixpath.join(real_root, parent):
+    # as bytes: a name that is not UTF-8 (a symlink's target) is no error of the run
+    if msg.get_string() != _encode(posixpath.join(real_root, parent)):
         return UnsafePath(f"{display(path)}: leads outside the share")
     return None
 
@@ -991,7 +992,17 @@ def _outside(
 class _Get:
     """One small file of :meth:`SFTPTransport.get_files` on its way."""
 
-    __slots__ = ("path", "want", "pieces", "size", "mtime", "error")
+    __slots__ = (
+        "path",
+        "want",
+        "pieces",
+        "size",
+        "mtime",
+        "error",
+        "handle",
+        "closing",
+        "finished",
+    )
 
     def __init__(self, path: str, want: int) -> None:
         self.path = path
@@ -1000,6 +1011,9 @@ class _Get:
         self.size = -1
         self.mtime = -1
         self.error: BaseException | None = None
+        self.handle: bytes | None = None
+        self.closing = False  # its CLOSE is sent (or there is no handle)
+        self.finished = False  # nothing more will come for it
 
     def data(self) -> bytes:
         """The bytes read, in order; a short answer before the end is an error."""
@@ -2186,46 +2200,69 @@ class SFTPTransport:
     ) -> Generator[tuple[str, bytes | Exception, int, int], None, None]:
         """Read many small files, every request of every file pipelined.
 
-        For each (path, size the listing gave): the OPEN; on its handle a REALPATH
-        of the path (after the open, as :meth:`read_chunks` checks: it must resolve
-        to that path in the share), an FSTAT, READs of at most one byte past the
-        listed size, and the CLOSE. Many files are at different steps at once.
-        Yields, in the order given, (path, data, size, mtime) with the file's size
-        and whole-second mtime from the FSTAT (the data cut to that size), or
-        (path, error, -1, -1).
+        For each (path, size the listing gave): the OPEN, then on its handle a
+        REALPATH of the path (as :meth:`read_chunks` checks after its open: it must
+        resolve to that path in the share); only once that answered, the FSTAT,
+        READs of at most one byte past the listed size, and the CLOSE. Many files
+        are at different steps at once. Yields, in the order given, (path, data,
+        size, mtime) with the file's size and whole-second mtime from the FSTAT
+        (the data cut to that size), or (path, error, -1, -1): a file whose data
+        came short of that size is an error too, for the one-file path to read.
         """
         sftp = self.client()
         pipe = _Pipeline(sftp)
         real_root = self._resolved_root(sftp)
         request = self._request_sizes(sftp)[0]
-        done: collections.deque[_Get] = collections.deque()
+        order: collections.deque[_Get] = collections.deque()  # in the order given
         in_flight = [0]
 
         def fail(get: _Get, error: BaseException) -> None:
             if get.error is None:
                 get.error = error
 
+        def guarded(get: _Get, handle: _Callback) -> _Callback:
+            """An answer that cannot be read fails its file, not the pipeline."""
+
+            def answer(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
+                try:
+                    handle(t, msg, error)
+                except Exception as e:
+                    fail(get, e)
+                    if not get.closing:  # the handle is still to be closed
+                        get.closing = True
+                        get.finished = get.handle is None
+                        if get.handle is not None:
+                            pipe.send(closed(get), CMD_CLOSE, get.handle)
+
+            return answer
+
         def opened(get: _Get) -> _Callback:
             def answer(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
                 if error is not None or msg is None or t != CMD_HANDLE:
+                    get.closing = True
+                    get.finished = True
                     fail(get, error or paramiko.SFTPError("expected a handle"))
-                    finish(get)
                     return
-                handle = msg.get_binary()
-                pipe.send(checked(get), CMD_REALPATH, self.full(get.path))
-                pipe.send(stated(get), CMD_FSTAT, handle)
-                for at in range(0, get.want, request):
-                    asked = min(request, get.want - at)
-                    pipe.send(read(get, at, asked), CMD_READ, handle, int64(at), asked)
-                pipe.send(closed(get), CMD_CLOSE, handle)
+                get.handle = msg.get_binary()
+                pipe.send(guarded(get, checked(get)), CMD_REALPATH, self.full(get.path))
 
             return answer
 
         def checked(get: _Get) -> _Callback:
             def answer(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
                 problem = _outside(get.path, get.path, real_root, t, msg, error)
+                get.closing = True
                 if problem is not None:
-                    fail(get, problem)
+                    fail(get, problem)  # nothing is read through a symlink
+                else:
+                    handle = get.handle
+                    pipe.send(guarded(get, stated(get)), CMD_FSTAT, handle)
+                    for at in range(0, get.want, request):
+                        asked = min(request, get.want - at)
+                        pipe.send(
+                            guarded(get, read(get, at, asked)), CMD_READ, handle, int64(at), asked
+                        )
+                pipe.send(closed(get), CMD_CLOSE, get.handle)
 
             return answer
 
@@ -2259,20 +2296,21 @@ class SFTPTransport:
 
         def closed(get: _Get) -> _Callback:
             def answer(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
-                finish(get)  # a read handle that would not close has given its data
+                get.finished = True  # a read handle that would not close has given its data
 
             return answer
 
-        def finish(get: _Get) -> None:
-            in_flight[0] -= get.want
-            done.append(get)
-
         def result(get: _Get) -> tuple[str, bytes | Exception, int, int]:
+            in_flight[0] -= get.want
             if get.error is None:
                 try:
+                    data = get.data()
                     # No more than the open file's size (as read_chunks reads): a peer
                     # whose listing and fstat agree on a wrong size passes a size check.
-                    return get.path, get.data()[: get.size], get.size, get.mtime
+                    data = data[: get.size]
+                    if len(data) < min(get.size, get.want):
+                        raise paramiko.SFTPError("the peer answered short of the file's size")
+                    return get.path, data, get.size, get.mtime
                 except paramiko.SFTPError as e:
                     get.error = e
             return get.path, _io_error(get.error, "read"), -1, -1
@@ -2289,14 +2327,20 @@ class SFTPTransport:
                     path, size = item
                     get = _Get(path, size + 1)
                     in_flight[0] += get.want
-                    pipe.send(opened(get), CMD_OPEN, self.full(path), SFTP_FLAG_READ, _NO_ATTRS)
-                if not len(pipe):
+                    order.append(get)
+                    pipe.send(
+                        guarded(get, opened(get)),
+                        CMD_OPEN,
+                        self.full(path),
+                        SFTP_FLAG_READ,
+                        _NO_ATTRS,
+                    )
+                if len(pipe):
+                    pipe.step()
+                while order and order[0].finished:
+                    yield result(order.popleft())
+                if not len(pipe) and not more:
                     break
-                pipe.step()
-                while done:
-                    yield result(done.popleft())
-            while done:
-                yield result(done.popleft())
         except BaseException as e:
             self._end_pipeline(pipe, e, "read")
 
