@@ -797,6 +797,20 @@ def test_get_files_closed_early_leaves_the_connection_usable(remote) -> None:
     assert t.stat("f7") is not None
 
 
+def _pull(
+    sshd: Sshd, local: Path, remote_dir: Path, state: Path
+) -> tuple[int, str, dict[str, dict]]:
+    """Pull through the CLI: exit code, output, and the JSON record of each path."""
+    result = CliRunner().invoke(
+        cli.main_group,
+        ["pull", sshd.target(str(remote_dir)), "-d", str(local), "--json", *sshd.cli_args()],
+        env={"LEFTSSH_STATE_DIR": str(state)},
+        catch_exceptions=False,
+    )
+    lines = [json.loads(line) for line in result.output.splitlines() if line.strip()]
+    return result.exit_code, result.output, {r["path"]: r for r in lines if "path" in r}
+
+
 def test_pull_of_many_small_files_goes_through_one_pipeline(
     sshd: Sshd, tmp_path: Path, monkeypatch
 ) -> None:
@@ -818,17 +832,11 @@ def test_pull_of_many_small_files_goes_through_one_pipeline(
 
     monkeypatch.setattr(SFTPTransport, "get_files", spy)
     one_by_one = record_calls(monkeypatch, SFTPTransport, "read_chunks")
-    result = CliRunner().invoke(
-        cli.main_group,
-        ["pull", sshd.target(str(remote_dir)), "-d", str(local), "--json", *sshd.cli_args()],
-        env={"LEFTSSH_STATE_DIR": str(tmp_path / "state")},
-        catch_exceptions=False,
-    )
-    records = {r["path"]: r for r in map(json.loads, result.output.splitlines()) if "path" in r}
+    code, output, records = _pull(sshd, local, remote_dir, tmp_path / "state")
     assert sorted(asked) == sorted(files)
     assert [path for path, *_ in one_by_one] == ["d3/f3.txt"]
     assert records["d3/f3.txt"]["status"] == "failed"
-    assert result.exit_code == 1
+    assert code == 1
     for name, data in files.items():
         if name != "d3/f3.txt":
             assert records[name]["status"] == "ok" and records[name]["verified"] == "md5"
@@ -911,14 +919,8 @@ def test_pull_goes_on_past_a_file_swapped_for_a_symlink_to_a_non_utf8_name(
         return real(self, items)
 
     monkeypatch.setattr(SFTPTransport, "get_files", swap)
-    result = CliRunner().invoke(
-        cli.main_group,
-        ["pull", sshd.target(str(remote_dir)), "-d", str(local), "--json", *sshd.cli_args()],
-        env={"LEFTSSH_STATE_DIR": str(tmp_path / "state")},
-        catch_exceptions=False,
-    )
-    records = {r["path"]: r for r in map(json.loads, result.output.splitlines()) if "path" in r}
-    assert result.exit_code == 1, result.output
+    code, output, records = _pull(sshd, local, remote_dir, tmp_path / "state")
+    assert code == 1, output
     assert records["f3.txt"]["status"] == "failed"
     for i in range(20):
         if i != 3:
