@@ -754,7 +754,21 @@ class Bench:
         return src
 
     def run_w3(self) -> None:
-        src = self.small_tree()
+        """W3's tree pushed into a fresh remote directory per run."""
+        self._small_tree_runs("W3", "push", self.small_tree(), self.remote)
+
+    def run_w3p(self) -> None:
+        """W3's tree pulled into a fresh local directory per run (no target in SPEC 8)."""
+        src = self.remote / "w3p-source"
+        copy_tree(self.small_tree(), src)
+        try:
+            self._small_tree_runs("W3P", "pull", src, self.data)
+        finally:
+            shutil.rmtree(src, ignore_errors=True)
+
+    def _small_tree_runs(self, name: str, command: str, src: Path, into: Path) -> None:
+        """Copy the small tree ``src`` (``push`` from local, ``pull`` from remote) into
+        a new directory under ``into`` per run, alternating leftssh and rsync."""
         n = self.sizes.small_files
         r = self.runner
         assert r is not None
@@ -765,65 +779,35 @@ class Bench:
         made: list[Path] = []
 
         def fresh(tool: str) -> Path:
-            d = self.remote / f"w3-{tool}-{len(made)}"
+            d = into / f"{name.lower()}-{tool}-{len(made)}"
             made.append(d)
             return d
 
         def left() -> Run:
             dst = fresh("leftssh")
-            run = r.measure("leftssh", r.leftssh_cmd("push", dst, src), 600)
+            remote, local = (dst, src) if command == "push" else (src, dst)
+            run = r.measure("leftssh", r.leftssh_cmd(command, remote, local), 600)
             check_count(dst, n)
             return run
 
         def right() -> Run:
             dst = fresh("rsync")
-            run = r.measure("rsync", r.rsync_cmd(f"{src}/", f"{ALIAS}:{dst}/"), 600)
+            if command == "push":
+                args = (f"{src}/", f"{ALIAS}:{dst}/")
+            else:
+                args = (f"{ALIAS}:{src}/", f"{dst}/")
+            run = r.measure("rsync", r.rsync_cmd(*args), 600)
             check_count(dst, n)
             return run
 
         try:
-            s = self.alternate("W3", left, right)
+            s = self.alternate(name, left, right)
         finally:
             for d in made:
                 shutil.rmtree(d, ignore_errors=True)
             os.sync()
         s["files"] = n
-        self.results["workloads"]["W3"] = s
-
-    def run_w3p(self) -> None:
-        """W3's tree pulled into a fresh local directory per run (no target in SPEC 8)."""
-        src = self.remote / "w3p-source"
-        copy_tree(self.small_tree(), src)
-        n = self.sizes.small_files
-        r = self.runner
-        assert r is not None
-        made: list[Path] = []
-
-        def fresh(tool: str) -> Path:
-            d = self.data / f"w3p-{tool}-{len(made)}"
-            made.append(d)
-            return d
-
-        def left() -> Run:
-            dst = fresh("leftssh")
-            run = r.measure("leftssh", r.leftssh_cmd("pull", src, dst), 600)
-            check_count(dst, n)
-            return run
-
-        def right() -> Run:
-            dst = fresh("rsync")
-            run = r.measure("rsync", r.rsync_cmd(f"{ALIAS}:{src}/", f"{dst}/"), 600)
-            check_count(dst, n)
-            return run
-
-        try:
-            s = self.alternate("W3P", left, right)
-        finally:
-            for d in [*made, src]:
-                shutil.rmtree(d, ignore_errors=True)
-            os.sync()
-        s["files"] = n
-        self.results["workloads"]["W3P"] = s
+        self.results["workloads"][name] = s
 
     def run_w4(self) -> None:
         src = self.small_tree()
