@@ -989,28 +989,31 @@ def _outside(
     return None
 
 
-class _Get:
+class _InFlight:
+    """One small file on its way through a request pipeline, and its first failure."""
+
+    __slots__ = ("path", "error")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+
+
+class _Get(_InFlight):
     """One small file of :meth:`SFTPTransport.get_files` on its way."""
 
-    __slots__ = (
-        "path",
-        "want",
-        "pieces",
-        "size",
-        "mtime",
-        "error",
-        "handle",
-        "closing",
-        "finished",
-    )
+    __slots__ = ("want", "pieces", "size", "mtime", "handle", "closing", "finished")
 
     def __init__(self, path: str, want: int) -> None:
-        self.path = path
+        super().__init__(path)
         self.want = want  # bytes asked for: one past the listed size
         self.pieces: list[tuple[int, int, bytes | memoryview]] = []  # (offset, asked, data)
         self.size = -1
         self.mtime = -1
-        self.error: BaseException | None = None
         self.handle: bytes | None = None
         self.closing = False  # its CLOSE is sent (or there is no handle)
         self.finished = False  # nothing more will come for it
@@ -1028,16 +1031,15 @@ class _Get:
         return b"".join(out)
 
 
-class _Put:
+class _Put(_InFlight):
     """One small file of :meth:`SFTPTransport.put_files` on its way."""
 
-    __slots__ = ("path", "data", "attrs", "error")
+    __slots__ = ("data", "attrs")
 
     def __init__(self, path: str, data: bytes, attrs: tuple[int, int]) -> None:
-        self.path = path
+        super().__init__(path)
         self.data = data
         self.attrs = attrs
-        self.error: BaseException | None = None
 
 
 def _stops_pipeline(e: BaseException) -> bool:
@@ -2093,15 +2095,11 @@ class SFTPTransport:
         failed: dict[str, Exception] = {}
         in_flight = [0]
 
-        def fail(put: _Put, error: BaseException) -> None:
-            if put.error is None:
-                put.error = error
-
         def checked(put: _Put, parent: str) -> _Callback:
             def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
                 problem = _outside(put.path, parent, real_root, t, msg, error)
                 if problem is not None:
-                    fail(put, problem)
+                    put.fail(problem)
                 if put.error is not None:
                     finish(put)
                     return
@@ -2116,14 +2114,14 @@ class SFTPTransport:
         def opened(put: _Put) -> _Callback:
             def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
                 if error is not None or msg is None or t != CMD_HANDLE:
-                    fail(put, error or paramiko.SFTPError("expected a handle"))
+                    put.fail(error or paramiko.SFTPError("expected a handle"))
                     finish(put)
                     return
                 handle = msg.get_binary()
                 try:
                     attrs = _mode_and_times(put.attrs[1], put.attrs[0])
                 except struct.error:  # SFTP v3 times are 32-bit: the one-by-one path says so
-                    fail(put, paramiko.SFTPError("mtime out of the SFTP range"))
+                    put.fail(paramiko.SFTPError("mtime out of the SFTP range"))
                 else:
                     view = memoryview(put.data)
                     for at in range(0, len(view), request):
@@ -2137,14 +2135,14 @@ class SFTPTransport:
         def written(put: _Put) -> _Callback:
             def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
                 if error is not None:
-                    fail(put, error)
+                    put.fail(error)
 
             return done
 
         def closed(put: _Put) -> _Callback:
             def done(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
                 if error is not None:
-                    fail(put, error)
+                    put.fail(error)
                 if put.error is not None:
                     pipe.send(_ignore, CMD_REMOVE, self.full(put.path))
                 finish(put)
@@ -2216,10 +2214,6 @@ class SFTPTransport:
         order: collections.deque[_Get] = collections.deque()  # in the order given
         in_flight = [0]
 
-        def fail(get: _Get, error: BaseException) -> None:
-            if get.error is None:
-                get.error = error
-
         def guarded(get: _Get, handle: _Callback) -> _Callback:
             """An answer that cannot be read fails its file, not the pipeline."""
 
@@ -2227,7 +2221,7 @@ class SFTPTransport:
                 try:
                     handle(t, msg, error)
                 except Exception as e:
-                    fail(get, e)
+                    get.fail(e)
                     if not get.closing:  # the handle is still to be closed
                         get.closing = True
                         get.finished = get.handle is None
@@ -2241,7 +2235,7 @@ class SFTPTransport:
                 if error is not None or msg is None or t != CMD_HANDLE:
                     get.closing = True
                     get.finished = True
-                    fail(get, error or paramiko.SFTPError("expected a handle"))
+                    get.fail(error or paramiko.SFTPError("expected a handle"))
                     return
                 get.handle = msg.get_binary()
                 pipe.send(guarded(get, checked(get)), CMD_REALPATH, self.full(get.path))
@@ -2253,7 +2247,7 @@ class SFTPTransport:
                 problem = _outside(get.path, get.path, real_root, t, msg, error)
                 get.closing = True
                 if problem is not None:
-                    fail(get, problem)  # nothing is read through a symlink
+                    get.fail(problem)  # nothing is read through a symlink
                 else:
                     handle = get.handle
                     pipe.send(guarded(get, stated(get)), CMD_FSTAT, handle)
@@ -2269,11 +2263,11 @@ class SFTPTransport:
         def stated(get: _Get) -> _Callback:
             def answer(t: int, msg: paramiko.Message | None, error: BaseException | None) -> None:
                 if error is not None or msg is None or t != CMD_ATTRS:
-                    fail(get, error or paramiko.SFTPError("expected attributes"))
+                    get.fail(error or paramiko.SFTPError("expected attributes"))
                     return
                 attrs = paramiko.SFTPAttributes._from_msg(msg)
                 if attrs.st_size is None or attrs.st_mtime is None:
-                    fail(get, paramiko.SFTPError("no size or mtime from the peer"))
+                    get.fail(paramiko.SFTPError("no size or mtime from the peer"))
                     return
                 get.size, get.mtime = attrs.st_size, int(attrs.st_mtime)
 
@@ -2284,11 +2278,11 @@ class SFTPTransport:
                 if isinstance(error, _EndOfFile):
                     return  # nothing at or past ``at``
                 if error is not None or msg is None or t != CMD_DATA:
-                    fail(get, error or paramiko.SFTPError("expected data"))
+                    get.fail(error or paramiko.SFTPError("expected data"))
                     return
                 piece = _data(msg)
                 if len(piece) > asked:
-                    fail(get, paramiko.SFTPError("more data than asked for"))
+                    get.fail(paramiko.SFTPError("more data than asked for"))
                     return
                 get.pieces.append((at, asked, piece))
 
