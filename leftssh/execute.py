@@ -86,6 +86,11 @@ class _Copy:
     error: str = ""
     attrs_set: bool = False
 
+    def start_whole(self, source: Entry) -> None:
+        """Start over as a file sent whole (no resume): its partial for ``source``."""
+        self.partial = partial_name(self.action.path, version_tag(source.size, source.mtime))
+        self.error, self.resumed_from, self.dst_md5, self.attrs_set = "", 0, None, False
+
 
 class RateLimiter:
     """A token bucket shared by all transfers of one run."""
@@ -590,8 +595,7 @@ class Executor:
                 a = left.pop(path)
                 c, source = copies[path], a.source
                 assert source is not None
-                c.partial = partial_name(path, version_tag(source.size, source.mtime))
-                c.error, c.resumed_from, c.dst_md5, c.attrs_set = "", 0, None, False
+                c.start_whole(source)
                 if isinstance(data, Exception):
                     retry.append(a)
                     continue
@@ -638,8 +642,7 @@ class Executor:
                 if self.stop.is_set():
                     c.error = "interrupted"
                     continue
-                c.partial = partial_name(a.path, version_tag(source.size, source.mtime))
-                c.error, c.resumed_from, c.dst_md5, c.attrs_set = "", 0, None, False
+                c.start_whole(source)
                 self._drop_stale_partials(a.path, c.partial, Side.REMOTE, dst)
                 try:
                     data, size, mtime = self.local.read_whole(a.path, source.size + 1)
@@ -852,8 +855,9 @@ class Executor:
     def _commit_all(
         self, actions: list[Action], copies: dict[str, _Copy], mode: str, sink: list[Outcome] | None
     ) -> None:
-        """Rename verified partials into place: new remote names in one pipeline, the rest
-        one by one (those re-check what they replace, see ``Transport.commit``)."""
+        """Rename verified partials into place: new names together on a side that can
+        (``ManyRenames``), the rest one by one (those re-check what they replace, see
+        ``Transport.commit``)."""
         done: set[str] = set()
         for kind, side in ((Kind.UPLOAD, self.remote), (Kind.DOWNLOAD, self.local)):
             if isinstance(side, ManyRenames):
@@ -884,11 +888,8 @@ class Executor:
             error = failed.get(c.partial)
             if error is None:
                 self._committed(c, mode, sink)
-            elif isinstance(error, ChangedError):
-                _quiet(side.remove_partial, c.partial)
-                c.error = f"skipped: {error}"
-            elif isinstance(error, RenameRefused):
-                c.error = _message(error)
+            elif isinstance(error, (ChangedError, RenameRefused)):
+                _not_placed(c, side, error)
             else:
                 # It may have met a name that appeared since the scan:
                 # commit() tells that apart and reports it.
@@ -904,12 +905,8 @@ class Executor:
             if not c.attrs_set:
                 dst.set_attrs(c.partial, a.source.mtime, a.source.mode)
             dst.commit(c.partial, a.path, a.expected)
-        except ChangedError as e:
-            _quiet(dst.remove_partial, c.partial)
-            c.error = f"skipped: {e}"
-            return
         except (TransferError, OSError) as e:
-            c.error = _message(e)
+            _not_placed(c, dst, e)
             return
         self._committed(c, mode, sink)
 
@@ -1028,6 +1025,16 @@ def _copies_content(a: Action) -> bool:
 
 def _moved(e: Entry, path: str) -> Entry:
     return Entry(path, e.kind, e.size, e.mtime, e.mode, e.md5)
+
+
+def _not_placed(c: _Copy, dst: ManyRenames | Transport, e: Exception) -> None:
+    """Record why ``c`` did not get its name: skipped when the name changed since
+    the scan (its partial then goes), failed otherwise."""
+    if isinstance(e, ChangedError):
+        _quiet(dst.remove_partial, c.partial)
+        c.error = f"skipped: {e}"
+    else:
+        c.error = _message(e)
 
 
 def _wait_all(futures: list[Future]) -> None:
