@@ -745,11 +745,12 @@ class Executor:
                 f"source changed during transfer ({offset + sent} bytes read, "
                 f"{source.size} expected); will retry on the next run"
             )
-        if src is self.local:
-            now = src.stat(a.path)
-            if now is None or now.size != source.size or now.mtime != source.mtime:
-                _quiet(dst.remove_partial, c.partial)
-                raise TransferError("source changed during transfer; will retry on the next run")
+        # Size and mtime as listed, after the copy too (as the pipelines of small
+        # files check them as they read): a source rewritten in place is not placed.
+        now = src.stat(a.path)
+        if now is None or now.size != source.size or now.mtime != source.mtime:
+            _quiet(dst.remove_partial, c.partial)
+            raise TransferError("source changed during transfer; will retry on the next run")
 
     def _resume_offset(self, c: _Copy, src: Transport, dst: Transport, dst_side: Side) -> int:
         """Return how many bytes of an existing partial are proven to match the source."""

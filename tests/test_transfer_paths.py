@@ -186,6 +186,55 @@ def test_locks_appear_whole_and_leave_no_temporary_file(remote, tmp_path) -> Non
         assert sorted(p.name for p in where.iterdir()) == [".leftssh.lock"]
 
 
+def test_the_remote_lock_takes_three_round_trips_and_reads_back_by_path(
+    remote, monkeypatch
+) -> None:
+    """Taking the lock: the exclusive OPEN; the WRITE, CLOSE and an OPEN of the path;
+    the READ, FSTAT and CLOSE. What is read back is whatever the path holds then: a
+    lock another run put there meanwhile is seen, and the lock is not taken."""
+    from leftssh import lock
+    from leftssh.errors import LockError
+
+    t, root = remote
+    real = sftp._exchange
+    batches: list[list[int]] = []
+
+    def counted(client, requests):  # type: ignore[no-untyped-def]
+        batches.append([kind for kind, _ in requests])
+        return real(client, requests)
+
+    monkeypatch.setattr(sftp, "_exchange", counted)
+    t.acquire_lock("sync")
+    assert batches == [
+        [sftp.CMD_OPEN],
+        [sftp.CMD_WRITE, sftp.CMD_CLOSE, sftp.CMD_OPEN],
+        [sftp.CMD_READ, sftp.CMD_FSTAT, sftp.CMD_CLOSE],
+    ]
+    t.release_lock()
+    other = lock.encode({**lock.holder_info("push"), "pid": os.getppid()})
+    (root / ".leftssh.lock").write_bytes(other)
+    batches.clear()
+    with pytest.raises(LockError, match="locked by another leftssh run: pid"):
+        t.acquire_lock("sync")
+    assert batches == [
+        [sftp.CMD_OPEN],
+        [sftp.CMD_OPEN],
+        [sftp.CMD_READ, sftp.CMD_FSTAT, sftp.CMD_CLOSE],
+    ]
+    (root / ".leftssh.lock").unlink()
+
+    def racing(client, requests):  # type: ignore[no-untyped-def]
+        if requests[0][0] == sftp.CMD_WRITE:  # another run replaced it before it was written
+            (root / ".leftssh.lock").unlink()
+            (root / ".leftssh.lock").write_bytes(other)
+        return real(client, requests)
+
+    monkeypatch.setattr(sftp, "_exchange", racing)
+    with pytest.raises(LockError, match="took the lock at the same moment"):
+        t.acquire_lock("sync")
+    assert (root / ".leftssh.lock").read_bytes() == other
+
+
 @pytest.mark.parametrize("side_name", ["remote", "local"])
 def test_a_lock_left_empty_by_a_killed_taker_is_cleared(remote, tmp_path, side_name) -> None:
     """Killed between creating and writing its lock, a run leaves an empty lock file:
@@ -927,3 +976,37 @@ def test_pull_goes_on_past_a_file_swapped_for_a_symlink_to_a_non_utf8_name(
             assert (local / f"f{i}.txt").read_text() == f"file {i}\n"
     assert not (local / "f3.txt").exists()
     assert not list(local.rglob("*.leftpart"))
+
+
+def test_pull_does_not_place_a_source_rewritten_while_it_was_read(
+    sshd: Sshd, tmp_path: Path, monkeypatch
+) -> None:
+    """A large remote file rewritten in place (same size, same bytes read, a new
+    mtime) while it is read is reported changed and not placed, as an upload's
+    source is: both sides re-check size and mtime after the copy."""
+    local, remote_dir = tmp_path / "share", tmp_path / "peer"
+    remote_dir.mkdir()
+    big = remote_dir / "big.bin"
+    data = os.urandom(600_000)
+    big.write_bytes(data)
+    os.utime(big, (1_700_000_000, 1_700_000_000))
+    real = SFTPTransport.read_chunks
+
+    def rewritten(self: SFTPTransport, path: str, offset: int, size: int | None = None):  # type: ignore[no-untyped-def]
+        for n, block in enumerate(real(self, path, offset, size)):
+            if n == 0:
+                os.utime(big, (1_700_000_100, 1_700_000_100))
+            yield block
+
+    monkeypatch.setattr(SFTPTransport, "read_chunks", rewritten)
+    code, _, records = _pull(sshd, local, remote_dir, tmp_path / "state")
+    assert code == 1
+    assert records["big.bin"]["status"] == "failed"
+    assert "source changed during transfer" in records["big.bin"]["error"]
+    assert not (local / "big.bin").exists()
+    assert not list(local.rglob("*.leftpart"))
+    monkeypatch.setattr(SFTPTransport, "read_chunks", real)
+    code, _, records = _pull(sshd, local, remote_dir, tmp_path / "state")
+    assert code == 0 and records["big.bin"]["status"] == "ok"
+    assert (local / "big.bin").read_bytes() == data
+    assert int((local / "big.bin").stat().st_mtime) == 1_700_000_100
