@@ -290,10 +290,14 @@ def partials(root: Path) -> list[Path]:
     return sorted(root.rglob("*.leftpart")) if root.exists() else []
 
 
-def partial_size(root: Path) -> int:
-    """The size of the largest partial file under ``root`` (0 if none, even while renamed)."""
+def partial_size(root: Path, of: str = "") -> int:
+    """The size of the largest partial file under ``root`` (0 if none, even while renamed);
+    with ``of``, only partials of that file name (``.NAME.<tag>.leftpart``), never an
+    archive of small files."""
     sizes = [0]
     for path in partials(root):
+        if of and not path.name.startswith(f".{of}."):
+            continue
         try:
             sizes.append(path.stat().st_size)
         except FileNotFoundError:
@@ -455,8 +459,8 @@ def test_exit_1_a_file_that_vanishes_mid_transfer_fails_alone(sshd, work):
         *sshd.cli_args(),
     )
     try:
-        # big.bin's partial, not small.txt's: the source must vanish once it is open
-        wait_for(lambda: partial_size(remote) > 1024, 20, "the transfer", run)
+        # big.bin's partial, not small.txt's archive: the source must vanish once it is open
+        wait_for(lambda: partial_size(remote, "big.bin") > 1024, 20, "the transfer", run)
         (local / "big.bin").unlink()
         r = run.finish()
     finally:
