@@ -66,6 +66,16 @@ class TransferError(Exception):
     """A per-file failure: reported as a Problem, the run goes on (exit 1)."""
 
 
+SOURCE_CHANGED = "source changed during transfer; will retry on the next run"
+
+
+class SourceChanged(TransferError):
+    """The source no longer has the size and mtime it was listed with, after it was read."""
+
+    def __init__(self, message: str = SOURCE_CHANGED) -> None:
+        super().__init__(message)
+
+
 class ChangedError(TransferError):
     """The target changed since the scan, so it was not overwritten or deleted."""
 

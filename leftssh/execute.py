@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from leftssh.errors import (
+    SOURCE_CHANGED,
     ChangedError,
     Interrupted,
     LeftsshError,
     RenameRefused,
+    SourceChanged,
     TransferError,
 )
 from leftssh.model import (
@@ -600,7 +602,7 @@ class Executor:
                     retry.append(a)
                     continue
                 if len(data) != source.size or size != source.size or mtime != source.mtime:
-                    c.error = "source changed during transfer; will retry on the next run"
+                    c.error = SOURCE_CHANGED
                     continue
                 self._drop_stale_partials(path, c.partial, Side.LOCAL, dst)
                 if self._limiter:
@@ -650,7 +652,7 @@ class Executor:
                     c.error = _message(e)
                     continue
                 if len(data) != source.size or size != source.size or mtime != source.mtime:
-                    c.error = "source changed during transfer; will retry on the next run"
+                    c.error = SOURCE_CHANGED
                     continue
                 if self._limiter:
                     self._limiter.consume(dst.wire_size(c.partial, len(data)))
@@ -711,11 +713,11 @@ class Executor:
         c.attrs_set = False
         c.dst_md5 = None
         sent = 0
-        empty = False
+        empty = stale = False
         try:
             if source.size - offset >= FOLLOW_MIN:
                 hasher = _HashingThread(hasher)
-            for block in src.read_chunks(a.path, offset, source.size):
+            for block in src.read_chunks(a.path, offset, source.size, source.mtime):
                 if self.stop.is_set():
                     raise Interrupted("interrupted")
                 if self._limiter:
@@ -726,8 +728,9 @@ class Executor:
                 hasher.update(block)
                 sent += len(block)
                 c.sent += len(block)
-        except BaseException:
+        except BaseException as e:
             empty = not offset and not sent  # nothing to resume: the source gave no byte
+            stale = isinstance(e, SourceChanged)  # a partial of a version that is gone
             raise
         finally:
             if isinstance(hasher, _HashingThread):
@@ -735,7 +738,7 @@ class Executor:
             try:
                 _write(out, None, dst, c.partial)
             finally:
-                if empty:
+                if empty or stale:
                     _quiet(dst.remove_partial, c.partial)
         c.attrs_set = bool(getattr(out, "attrs_set", False))
         c.dst_md5 = getattr(out, "md5", None)
@@ -745,12 +748,12 @@ class Executor:
                 f"source changed during transfer ({offset + sent} bytes read, "
                 f"{source.size} expected); will retry on the next run"
             )
-        # Size and mtime as listed, after the copy too (as the pipelines of small
-        # files check them as they read): a source rewritten in place is not placed.
-        now = src.stat(a.path)
-        if now is None or now.size != source.size or now.mtime != source.mtime:
-            _quiet(dst.remove_partial, c.partial)
-            raise TransferError("source changed during transfer; will retry on the next run")
+        if src is self.local:
+            # The path too: a local file replaced while the old one was read is caught.
+            now = src.stat(a.path)
+            if now is None or now.size != source.size or now.mtime != source.mtime:
+                _quiet(dst.remove_partial, c.partial)
+                raise TransferError(SOURCE_CHANGED)
 
     def _resume_offset(self, c: _Copy, src: Transport, dst: Transport, dst_side: Side) -> int:
         """Return how many bytes of an existing partial are proven to match the source."""

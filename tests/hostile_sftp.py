@@ -67,6 +67,8 @@ class HostileServer:
     - ``fstat_lies[path]``: ``st_size`` claimed by fstat of an open handle;
     - ``open_fails``: paths whose open fails (listed as files, but not openable);
     - ``listing_fails``: directories whose listing fails;
+    - ``follow_links``: listings and opens follow symlinks (some servers list a
+      symlink as what it leads to);
     - ``corrupt_writes``: flip one byte of every write the client makes;
     - ``exec_mode``: ``honest``, ``garbage`` (random bytes, exit 0), ``nothing`` (no
       output, exit 0), ``fail`` (``sh: md5sum: not found``, exit 127) or ``lie`` (the
@@ -90,6 +92,7 @@ class HostileServer:
         self.fstat_lies: dict[str, int] = {}
         self.open_fails: set[str] = set()
         self.listing_fails: set[str] = set()
+        self.follow_links = False
         self.corrupt_writes = False
         self.exec_mode = "honest"
         self.hash_claims: dict[str, str] = {}
@@ -466,6 +469,13 @@ class _HostileSFTP(paramiko.SFTPServerInterface):
     def canonicalize(self, path: str) -> str:
         return self._norm(path)
 
+    @staticmethod
+    def _followed(path: Path) -> os.stat_result:
+        try:
+            return os.stat(path)
+        except OSError:  # a dangling symlink is listed as itself
+            return os.lstat(path)
+
     def list_folder(self, path: str):
         path = self._norm(path)
         if path in self.h.listing_fails:
@@ -473,7 +483,8 @@ class _HostileSFTP(paramiko.SFTPServerInterface):
         real = self.h.real(path)
         try:
             names = os.listdir(real)
-            out = [self._attr(posixpath.join(path, n), os.lstat(real / n), n) for n in names]
+            look = self._followed if self.h.follow_links else os.lstat
+            out = [self._attr(posixpath.join(path, n), look(real / n), n) for n in names]
         except OSError as e:
             return paramiko.SFTPServer.convert_errno(e.errno)
         return out + list(self.h.extra_entries.get(path, []))
@@ -498,7 +509,8 @@ class _HostileSFTP(paramiko.SFTPServerInterface):
             return SFTP_FAILURE
         real = self.h.real(path)
         try:
-            fd = os.open(real, flags | os.O_NOFOLLOW, 0o644)
+            nofollow = 0 if self.h.follow_links else os.O_NOFOLLOW
+            fd = os.open(real, flags | nofollow, 0o644)
         except OSError as e:
             return paramiko.SFTPServer.convert_errno(e.errno)
         if flags & os.O_WRONLY:

@@ -919,6 +919,30 @@ def test_entry_whose_type_changes_between_listing_and_open(zygote: Zygote, peer,
     assert_stays_in_share(peer, work, before)
 
 
+def test_a_peer_listing_symlinks_as_what_they_lead_to(zygote: Zygote, peer, work) -> None:
+    """Some servers list a symlink as the file it leads to (and open it too). Such a
+    file, large or small, arrives like any other: its size and mtime are checked
+    on the handle it was read from, not by an lstat of its path."""
+    share = peer.backing / "share"
+    big, small = os.urandom(600_000), b"small\n"
+    write_file(share / "big.bin", big, mtime=MTIME)
+    write_file(share / "small.txt", small, mtime=MTIME)
+    os.symlink("big.bin", share / "big-link.bin")
+    os.symlink("small.txt", share / "small-link.txt")
+    peer.follow_links = True
+    before = local_snapshot(work, peer)
+    r = on_peer(zygote, peer, work, "pull")
+    assert r.code == 0, r
+    assert {a["path"]: a["status"] for a in r.actions()} == dict.fromkeys(
+        ["big.bin", "big-link.bin", "small.txt", "small-link.txt"], "ok"
+    )
+    for name, data in (("big-link.bin", big), ("small-link.txt", small)):
+        path = work["local"] / name
+        assert not path.is_symlink() and path.read_bytes() == data
+        assert int(path.stat().st_mtime) == MTIME
+    assert_stays_in_share(peer, work, before)
+
+
 MD5_CASES = [
     # (exec mode, --verify, direction, expected exit code, expected "verified" of the file)
     ("garbage", "auto", "pull", 0, "size"),

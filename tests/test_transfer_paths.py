@@ -235,6 +235,28 @@ def test_the_remote_lock_takes_three_round_trips_and_reads_back_by_path(
     assert (root / ".leftssh.lock").read_bytes() == other
 
 
+def test_a_connection_lost_while_taking_the_lock_is_no_usage_error(remote, monkeypatch) -> None:
+    """A refusal of the peer (a status) is a usage error; a connection that goes away
+    while the lock is taken is a lost connection (exit 3), not "cannot lock"."""
+    from leftssh.errors import ConnectError, UsageError
+
+    t, root = remote
+    real = sftp._exchange
+
+    def cut(client, requests):  # type: ignore[no-untyped-def]
+        if requests[0][0] == sftp.CMD_WRITE:
+            raise OSError("Socket is closed")  # paramiko's words for a channel gone
+        return real(client, requests)
+
+    (root / ".leftssh.lock").mkdir()  # the peer refuses to open it: a status, not a loss
+    with pytest.raises(UsageError, match="cannot lock"):
+        t.acquire_lock("sync")
+    (root / ".leftssh.lock").rmdir()
+    monkeypatch.setattr(sftp, "_exchange", cut)
+    with pytest.raises(ConnectError, match="connection lost"):
+        t.acquire_lock("sync")
+
+
 @pytest.mark.parametrize("side_name", ["remote", "local"])
 def test_a_lock_left_empty_by_a_killed_taker_is_cleared(remote, tmp_path, side_name) -> None:
     """Killed between creating and writing its lock, a run leaves an empty lock file:
@@ -992,8 +1014,8 @@ def test_pull_does_not_place_a_source_rewritten_while_it_was_read(
     os.utime(big, (1_700_000_000, 1_700_000_000))
     real = SFTPTransport.read_chunks
 
-    def rewritten(self: SFTPTransport, path: str, offset: int, size: int | None = None):  # type: ignore[no-untyped-def]
-        for n, block in enumerate(real(self, path, offset, size)):
+    def rewritten(self: SFTPTransport, path: str, offset: int, size=None, mtime=None):  # type: ignore[no-untyped-def]
+        for n, block in enumerate(real(self, path, offset, size, mtime)):
             if n == 0:
                 os.utime(big, (1_700_000_100, 1_700_000_100))
             yield block
@@ -1010,3 +1032,22 @@ def test_pull_does_not_place_a_source_rewritten_while_it_was_read(
     assert code == 0 and records["big.bin"]["status"] == "ok"
     assert (local / "big.bin").read_bytes() == data
     assert int((local / "big.bin").stat().st_mtime) == 1_700_000_100
+
+
+def test_read_chunks_checks_the_open_file_against_the_listing(remote, tmp_path) -> None:
+    """With the listed mtime, both transports check the size and mtime of the file they
+    read (its handle, not its path) once its bytes are read."""
+    from leftssh.errors import SourceChanged
+
+    t, root = remote
+    local = LocalTransport(tmp_path)
+    for side, where in ((t, root), (local, tmp_path)):
+        (where / "f.bin").write_bytes(b"x" * 70_000)
+        os.utime(where / "f.bin", (1_700_000_000, 1_700_000_000))
+        got = b"".join(bytes(b) for b in side.read_chunks("f.bin", 0, 70_000, 1_700_000_000))
+        assert got == b"x" * 70_000
+        with pytest.raises(SourceChanged):  # touched since the listing
+            list(side.read_chunks("f.bin", 0, 70_000, 1_700_000_001))
+        with pytest.raises(SourceChanged):  # grew since the listing
+            list(side.read_chunks("f.bin", 0, 60_000, 1_700_000_000))
+        assert len(b"".join(bytes(b) for b in side.read_chunks("f.bin", 0, 60_000))) == 60_001

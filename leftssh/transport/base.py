@@ -55,12 +55,14 @@ class Transport(Protocol):
         ...
 
     def read_chunks(
-        self, path: str, offset: int, size: int | None = None
+        self, path: str, offset: int, size: int | None = None, mtime: int | None = None
     ) -> Iterator[bytes | memoryview]:
         """Yield the file's bytes from ``offset`` (bytes, or views of what arrived).
 
         With ``size`` (what the scan saw), stop one byte past it: a source that grew, or a
-        peer whose fstat lies, is caught without reading on.
+        peer whose fstat lies, is caught without reading on. With ``mtime`` too (the
+        scan's, whole seconds), the open file's own size and mtime are checked once its
+        bytes are read: a file changed while it was read raises SourceChanged.
         """
         ...
 

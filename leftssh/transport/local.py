@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from leftssh import lock
-from leftssh.errors import ChangedError, TransferError, UsageError
+from leftssh.errors import ChangedError, SourceChanged, TransferError, UsageError
 from leftssh.ignore import IGNORE_FILE, IgnoreRules
 from leftssh.model import DIR, FILE, Entry, Manifest, Skipped, shared_int
 from leftssh.paths import (
@@ -370,7 +370,9 @@ class LocalTransport:
 
     # -- writing -----------------------------------------------------------
 
-    def read_chunks(self, path: str, offset: int, size: int | None = None) -> Iterator[bytes]:
+    def read_chunks(
+        self, path: str, offset: int, size: int | None = None, mtime: int | None = None
+    ) -> Iterator[bytes]:
         fd = self._open(path, os.O_RDONLY)
         with os.fdopen(fd, "rb", buffering=0) as f:
             if offset:
@@ -379,10 +381,14 @@ class LocalTransport:
             while remaining is None or remaining > 0:
                 block = f.read(CHUNK if remaining is None else min(CHUNK, remaining))
                 if not block:
-                    return
+                    break
                 if remaining is not None:
                     remaining -= len(block)
                 yield block
+            if mtime is not None:
+                st = os.fstat(fd)
+                if int(st.st_mtime) != mtime or (size is not None and st.st_size != size):
+                    raise SourceChanged()
 
     def _reading_dir(self, rel_dir: str) -> tuple[int, bool]:
         """The fd of ``rel_dir`` for read_whole, and whether it stays open (cached).

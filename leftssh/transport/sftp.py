@@ -63,6 +63,7 @@ from leftssh.errors import (
     HostKeyError,
     LeftsshError,
     RenameRefused,
+    SourceChanged,
     TransferError,
     UsageError,
 )
@@ -1961,23 +1962,31 @@ class SFTPTransport:
         return self._io_sizes
 
     def read_chunks(
-        self, path: str, offset: int, size: int | None = None
+        self, path: str, offset: int, size: int | None = None, mtime: int | None = None
     ) -> Iterator[bytes | memoryview]:
         sftp = self.client()
         try:
             f = sftp.open(self.full(path), "rb")
         except Exception as e:
             raise _io_error(e, "open") from e
+        listed, changed = size, False
         try:
             # Checked after the open: a swap before it is seen, and a read has no effect.
             self._inside(path, whole=True)
             claimed = f.stat().st_size or 0
             # The peer's fstat may lie: read at most one byte past the size the listing
             # gave (one more byte is enough to tell that the file is not what was listed).
-            size = claimed if size is None else min(claimed, size + 1)
+            size = claimed if listed is None else min(claimed, listed + 1)
             request = self._request_sizes(sftp)[0]
             depth = max(2, READ_AHEAD // request)
             yield from _read_pipelined(sftp, f.handle, offset, size, request, depth)
+            if mtime is not None:
+                # The file read, by its handle (a path may name a symlink that a
+                # listing following links reported as the file it leads to).
+                st = f.stat()
+                changed = int(st.st_mtime or 0) != mtime or (
+                    listed is not None and st.st_size != listed
+                )
         except Exception as e:
             raise self._error(e, "read") from e
         finally:
@@ -1985,6 +1994,8 @@ class SFTPTransport:
                 f.close()
             except Exception:
                 pass
+        if changed:
+            raise SourceChanged()
 
     def open_write(
         self,
@@ -2720,6 +2731,11 @@ class SFTPTransport:
         path = self.full(lock.LOCK_NAME)
         read_back: list[tuple[bytes, float] | None] = []
 
+        def refused(e: Exception) -> Exception:
+            if isinstance(e, OSError) and not _stops_pipeline(e):
+                return UsageError(f"cannot lock {self.label}: {e}")
+            return self._error(e, "taking the lock")  # a lost connection stays one
+
         def create(data: bytes) -> bool:
             try:
                 got = _exchange(sftp, [(CMD_OPEN, (path, _CREATE_EXCL, _NO_ATTRS))])[0]
@@ -2741,10 +2757,8 @@ class SFTPTransport:
                     return False
                 read_back.append(_read_back(sftp, opened))
                 return True
-            except OSError as e:
-                raise UsageError(f"cannot lock {self.label}: {e}") from e
             except Exception as e:
-                raise _io_error(e, "taking the lock") from e
+                raise refused(e) from e
 
         def read() -> tuple[bytes, float] | None:
             if read_back:  # what create() read back, right after it wrote
@@ -2752,10 +2766,8 @@ class SFTPTransport:
             try:
                 opened = _exchange(sftp, [(CMD_OPEN, (path, SFTP_FLAG_READ, _NO_ATTRS))])[0]
                 return _read_back(sftp, opened)
-            except OSError as e:
-                raise UsageError(f"cannot lock {self.label}: {e}") from e
             except Exception as e:
-                raise _io_error(e, "taking the lock") from e
+                raise refused(e) from e
 
         def remove() -> None:
             try:
