@@ -98,9 +98,11 @@ def take(
         if create(encode(mine)):
             # A run that found this file empty (torn, below) and removed it while we
             # were writing it would take the lock as well: make sure it is not theirs.
+            # What we wrote is whole before it is read back, so a lock read back empty
+            # is another run's, created and not written yet.
             found = read()
             holder = decode(found[0]) if found is not None else None
-            if holder is None or (holder and holder != mine):
+            if holder != mine:
                 raise LockError(f"{where}: another leftssh run took the lock at the same moment")
             return
         found = read()

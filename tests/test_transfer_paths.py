@@ -233,6 +233,12 @@ def test_the_remote_lock_takes_three_round_trips_and_reads_back_by_path(
     with pytest.raises(LockError, match="took the lock at the same moment"):
         t.acquire_lock("sync")
     assert (root / ".leftssh.lock").read_bytes() == other
+    # The other run has created its lock but not written it yet: not ours either.
+    (root / ".leftssh.lock").unlink()
+    other = b""
+    with pytest.raises(LockError, match="took the lock at the same moment"):
+        t.acquire_lock("sync")
+    assert (root / ".leftssh.lock").read_bytes() == b""
 
 
 def test_a_connection_lost_while_taking_the_lock_is_no_usage_error(remote, monkeypatch) -> None:
