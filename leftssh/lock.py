@@ -99,10 +99,12 @@ def take(
             # A run that found this file empty (torn, below) and removed it while we
             # were writing it would take the lock as well: make sure it is not theirs.
             # What we wrote is whole before it is read back, so a lock read back empty
-            # is another run's, created and not written yet.
+            # is another run's, created and not written yet. (One that does not read
+            # as a holder at all is a peer that stored other bytes: its transfers
+            # fail verification and say so.)
             found = read()
             holder = decode(found[0]) if found is not None else None
-            if holder != mine:
+            if found is None or not found[0] or (holder and holder != mine):
                 raise LockError(f"{where}: another leftssh run took the lock at the same moment")
             return
         found = read()
