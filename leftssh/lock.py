@@ -2,7 +2,8 @@
 
 The lock is a file ``.leftssh.lock`` at the share root, created exclusively
 (``O_EXCL`` locally, SFTP's EXCL flag remotely) and holding who took it. It
-is stale when its holder is a process on this machine that no longer exists,
+is stale when its holder is a process on this machine that no longer exists
+(or whose pid went to another process: a lock not refreshed for ``STALE_AFTER``),
 or when nobody refreshed it for ``STALE_AFTER`` seconds (the holder touches it
 every ``HEARTBEAT`` seconds, so a holder on another machine that died is
 detected after that delay). A lock file that stays empty for ``TORN_AFTER``
@@ -66,7 +67,8 @@ def is_stale(info: dict, age: float, this_host: str | None = None) -> bool:
             # Our own lock, left when a lost connection kept us from removing it
             # (watch reconnecting): nobody else holds it.
             return True
-        return not _pid_alive(pid)
+        # Not refreshed for that long: its pid, alive, is another process's now.
+        return not _pid_alive(pid) or age > STALE_AFTER
     if not info:
         return age > 60
     return age > STALE_AFTER

@@ -263,6 +263,21 @@ def test_a_connection_lost_while_taking_the_lock_is_no_usage_error(remote, monke
         t.acquire_lock("sync")
 
 
+def test_a_lock_of_this_host_not_refreshed_for_long_is_stale_whoever_has_its_pid() -> None:
+    """A holder on this machine refreshes its lock every HEARTBEAT seconds: one not
+    refreshed for STALE_AFTER is dead, even if its pid now belongs to another process."""
+    from leftssh import lock
+
+    alive = {**lock.holder_info("sync"), "pid": os.getppid()}  # a live process, not us
+    assert not lock.is_stale(alive, lock.HEARTBEAT)
+    assert lock.is_stale(alive, lock.STALE_AFTER + 1)
+    gone = {**alive, "pid": 2**22 + 12345}  # above any pid this machine hands out
+    assert lock.is_stale(gone, 0)
+    other = {**alive, "host": "another-machine"}
+    assert not lock.is_stale(other, lock.STALE_AFTER - 1)
+    assert lock.is_stale(other, lock.STALE_AFTER + 1)
+
+
 @pytest.mark.parametrize("side_name", ["remote", "local"])
 def test_a_lock_left_empty_by_a_killed_taker_is_cleared(remote, tmp_path, side_name) -> None:
     """Killed between creating and writing its lock, a run leaves an empty lock file:
