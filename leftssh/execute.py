@@ -753,7 +753,7 @@ class Executor:
             now = src.stat(a.path)
             if now is None or now.size != source.size or now.mtime != source.mtime:
                 _quiet(dst.remove_partial, c.partial)
-                raise TransferError(SOURCE_CHANGED)
+                raise SourceChanged()
 
     def _resume_offset(self, c: _Copy, src: Transport, dst: Transport, dst_side: Side) -> int:
         """Return how many bytes of an existing partial are proven to match the source."""

@@ -205,3 +205,22 @@ def record_calls(monkeypatch: Any, owner: object, name: str) -> list[tuple[Any, 
 
     monkeypatch.setattr(owner, name, recorded)
     return calls
+
+
+def cli_json(
+    sshd: Any, command: str, local: Path, remote_dir: Path, state: Path
+) -> tuple[int, str, dict[str, dict]]:
+    """``push``/``pull``/``sync`` through the CLI in this process, with ``--json``: the
+    exit code, the output, and the JSON record of each path."""
+    from click.testing import CliRunner
+
+    from leftssh import cli
+
+    result = CliRunner().invoke(
+        cli.main_group,
+        [command, sshd.target(str(remote_dir)), "-d", str(local), "--json", *sshd.cli_args()],
+        env={"LEFTSSH_STATE_DIR": str(state)},
+        catch_exceptions=False,
+    )
+    lines = [json.loads(line) for line in result.output.splitlines() if line.strip()]
+    return result.exit_code, result.output, {r["path"]: r for r in lines if "path" in r}

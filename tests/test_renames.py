@@ -5,19 +5,16 @@ and without perl on the peer."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from leftssh import cli
 from leftssh.errors import ChangedError
 from leftssh.transport import remote_shell, sftp
 from leftssh.transport.sftp import SFTPTransport
-from tests.helpers import record_calls
+from tests.helpers import cli_json, record_calls
 from tests.sshd import Sshd
 from tests.test_remote_shell import HOSTILE_NAMES, SHELLS, _run
 
@@ -174,14 +171,8 @@ def test_perl_probe_says_no_without_perl(remote, monkeypatch) -> None:
 
 def _push(sshd: Sshd, local: Path, remote_dir: Path, state: Path) -> tuple[int, dict[str, dict]]:
     """Push through the CLI: the exit code, and the JSON record of each path."""
-    result = CliRunner().invoke(
-        cli.main_group,
-        ["push", sshd.target(str(remote_dir)), "-d", str(local), "--json", *sshd.cli_args()],
-        env={"LEFTSSH_STATE_DIR": str(state)},
-        catch_exceptions=False,
-    )
-    records = [json.loads(line) for line in result.output.splitlines() if line.strip()]
-    return result.exit_code, {r["path"]: r for r in records if "path" in r}
+    code, _, records = cli_json(sshd, "push", local, remote_dir, state)
+    return code, records
 
 
 @pytest.mark.parametrize("count", [30, 120])

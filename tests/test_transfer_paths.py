@@ -24,7 +24,7 @@ from leftssh.transport import remote_shell, sftp
 from leftssh.transport.local import LocalTransport
 from leftssh.transport.remote_shell import FOLLOW_BLOCK
 from leftssh.transport.sftp import SFTPTransport
-from tests.helpers import PERL_MD5, record_calls
+from tests.helpers import PERL_MD5, cli_json, record_calls
 from tests.sshd import Sshd
 
 pytestmark = pytest.mark.usefixtures("sshd")
@@ -893,14 +893,7 @@ def _pull(
     sshd: Sshd, local: Path, remote_dir: Path, state: Path
 ) -> tuple[int, str, dict[str, dict]]:
     """Pull through the CLI: exit code, output, and the JSON record of each path."""
-    result = CliRunner().invoke(
-        cli.main_group,
-        ["pull", sshd.target(str(remote_dir)), "-d", str(local), "--json", *sshd.cli_args()],
-        env={"LEFTSSH_STATE_DIR": str(state)},
-        catch_exceptions=False,
-    )
-    lines = [json.loads(line) for line in result.output.splitlines() if line.strip()]
-    return result.exit_code, result.output, {r["path"]: r for r in lines if "path" in r}
+    return cli_json(sshd, "pull", local, remote_dir, state)
 
 
 def test_pull_of_many_small_files_goes_through_one_pipeline(

@@ -1008,6 +1008,12 @@ def _exchange(sftp: paramiko.SFTPClient, requests: list[tuple[int, tuple]]) -> l
 _LOCK_READ = 4096  # bytes of a lock file read back (its holder, a short JSON object)
 
 
+def _handle_of(answer: _Answer3) -> bytes | None:
+    """The handle an OPEN answered with, or None if it answered anything else."""
+    t, msg, error = answer
+    return msg.get_binary() if error is None and t == CMD_HANDLE and msg is not None else None
+
+
 def _read_back(sftp: paramiko.SFTPClient, opened: _Answer3) -> tuple[bytes, float] | None:
     """Read a small file through the answer to its OPEN, with its mtime (the READ,
     FSTAT and CLOSE together); None if the OPEN found nothing."""
@@ -1015,9 +1021,9 @@ def _read_back(sftp: paramiko.SFTPClient, opened: _Answer3) -> tuple[bytes, floa
         return None
     if opened[2] is not None:
         raise opened[2]
-    if opened[0] != CMD_HANDLE or opened[1] is None:
+    handle = _handle_of(opened)
+    if handle is None:
         raise paramiko.SFTPError("expected a handle")
-    handle = opened[1].get_binary()
     data, attrs, closed = _exchange(
         sftp,
         [
@@ -2739,9 +2745,9 @@ class SFTPTransport:
         def create(data: bytes) -> bool:
             try:
                 got = _exchange(sftp, [(CMD_OPEN, (path, _CREATE_EXCL, _NO_ATTRS))])[0]
-                if got[2] is not None or got[0] != CMD_HANDLE or got[1] is None:
+                handle = _handle_of(got)
+                if handle is None:
                     return False  # it exists (or vanishes again: read() tells)
-                handle = got[1].get_binary()
                 wrote, closed, opened = _exchange(
                     sftp,
                     [
@@ -2752,8 +2758,8 @@ class SFTPTransport:
                 )
                 if wrote[2] is not None or closed[2] is not None:
                     # Created but not written: read() finds it without a holder.
-                    if opened[2] is None and opened[0] == CMD_HANDLE and opened[1] is not None:
-                        _exchange(sftp, [(CMD_CLOSE, (opened[1].get_binary(),))])
+                    if (reading := _handle_of(opened)) is not None:
+                        _exchange(sftp, [(CMD_CLOSE, (reading,))])
                     return False
                 read_back.append(_read_back(sftp, opened))
                 return True
